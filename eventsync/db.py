@@ -1,0 +1,121 @@
+"""Engines, SQLite pragmas, and Alembic migrations run from code."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import orjson
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Connection, Engine, create_engine, event, text
+from sqlalchemy.engine import make_url
+
+log = logging.getLogger(__name__)
+
+# Serialises migrations between processes that start together (Postgres advisory lock key).
+MIGRATION_LOCK_KEY = 0x6576_656E_7473  # "events"
+
+
+def _json_dumps(value: Any) -> str:
+    try:
+        return orjson.dumps(value).decode()
+    except (TypeError, orjson.JSONEncodeError):  # ints beyond 64 bits
+        return json.dumps(value, ensure_ascii=False)
+
+
+def make_engine(url: str, *, pool_size: int = 8) -> Engine:
+    """An engine for `url`: WAL and a busy timeout on SQLite, a pinged pool on Postgres."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        database = parsed.database
+        if database and database != ":memory:":
+            Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(parsed, connect_args={"timeout": 30}, json_serializer=_json_dumps)
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    return create_engine(
+        parsed,
+        pool_pre_ping=True,
+        pool_size=pool_size,
+        max_overflow=4,
+        json_serializer=_json_dumps,
+    )
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    # WAL lets `sqlite3 eventsync.db` read while a sync writes; the busy timeout makes
+    # concurrent writers wait instead of failing.
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+
+def migrations_dir() -> Path:
+    """The Alembic script folder: inside the installed package, or the repo's top level."""
+    packaged = resources.files("eventsync") / "migrations"
+    if packaged.is_dir():
+        return Path(str(packaged))
+    return Path(__file__).resolve().parent.parent / "migrations"
+
+
+def alembic_config(connection: Connection | None = None) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(migrations_dir()))
+    if connection is not None:
+        config.attributes["connection"] = connection
+    return config
+
+
+def head_revision() -> str | None:
+    return ScriptDirectory.from_config(alembic_config()).get_current_head()
+
+
+def current_revision(engine: Engine) -> str | None:
+    with engine.connect() as connection:
+        return MigrationContext.configure(connection).get_current_revision()
+
+
+@contextmanager
+def _migration_lock(connection: Connection) -> Iterator[None]:
+    if connection.dialect.name == "postgresql":
+        connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
+        try:
+            yield
+        finally:
+            connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": MIGRATION_LOCK_KEY})
+            connection.commit()
+    else:
+        yield  # SQLite serialises writers itself; a migration is one write transaction.
+
+
+def upgrade(engine: Engine) -> tuple[str | None, str | None]:
+    """Upgrade to head under a lock. Returns (revision before, revision after)."""
+    with engine.connect() as connection, _migration_lock(connection):
+        before = MigrationContext.configure(connection).get_current_revision()
+        head = head_revision()
+        if before != head:
+            command.upgrade(alembic_config(connection), "head")
+            connection.commit()
+        return before, head
+
+
+def ensure_schema(engine: Engine) -> None:
+    """Migrate an empty or older database, saying so; do nothing to a current one."""
+    before, after = upgrade(engine)
+    if before != after:
+        log.info(
+            "database migrated from %s to %s",
+            before or "an empty database",
+            after,
+            extra={"revision_before": before, "revision_after": after},
+        )

@@ -1,0 +1,75 @@
+"""One exception tree for eventsync.
+
+    EventsyncError                 root; ``kind`` names the cause in one word
+    ├── ConfigError                bad or missing setting (no API key, bad URL, bad job id)
+    ├── ApiError                   the API answered, but not with what we asked for
+    │   ├── AuthError              401/403: the key is missing or was rejected
+    │   ├── NotFoundError          404: the job does not exist (for this key)
+    │   └── ApiStatusError         any other non-2xx status
+    ├── TransportError             no usable answer: connect error, timeout, cut-off body
+    ├── PayloadError               a 2xx answer whose body is not the JSON shape we expect
+    └── StoreError                 the database failed while storing
+
+Messages are safe to print: they never contain the API key.
+"""
+
+from __future__ import annotations
+
+
+class EventsyncError(Exception):
+    """Root of every error eventsync raises on purpose."""
+
+    kind = "error"
+
+
+class ConfigError(EventsyncError):
+    """A setting is missing or invalid; the user can fix it."""
+
+    kind = "config"
+
+
+class ApiError(EventsyncError):
+    """The API answered with an error status."""
+
+    kind = "api"
+
+    def __init__(self, message: str, *, status_code: int, api_message: str | None = None) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.api_message = api_message
+
+
+class AuthError(ApiError):
+    """401 or 403."""
+
+    kind = "auth"
+
+
+class NotFoundError(ApiError):
+    """404: unknown job."""
+
+    kind = "not_found"
+
+
+class ApiStatusError(ApiError):
+    """Any other error status (429, 5xx, ...)."""
+
+    kind = "http_status"
+
+
+class TransportError(EventsyncError):
+    """The request did not get a complete answer."""
+
+    kind = "network"
+
+
+class PayloadError(EventsyncError):
+    """The answer was not the JSON shape the API documents."""
+
+    kind = "payload"
+
+
+class StoreError(EventsyncError):
+    """The database failed while storing a job."""
+
+    kind = "database"

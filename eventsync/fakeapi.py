@@ -1,0 +1,283 @@
+"""A fake Together fine-tuning API on loopback, for tests, benchmarks and offline demos.
+
+It serves `GET /v1/fine-tunes`, `/v1/fine-tunes/{id}` and `/v1/fine-tunes/{id}/events` over
+real HTTP (stdlib, keep-alive), with either event generation:
+
+- "2026-04": every event has `hash` and `training_offset` (the older public spec);
+- "2026-08": neither, plus `tokenized_dataset_path` and the early-stopping fields.
+
+Run it standalone to try eventsync without a Together account:
+
+    python -m eventsync.fakeapi --port 8765 --key demo-key --jobs 3 --events 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+GENERATIONS = ("2026-04", "2026-08")
+LIFECYCLE = [
+    ("job_pending", "Fine tune request created"),
+    ("job_start", "Job started"),
+    ("model_downloading", "Downloading model"),
+    ("model_download_complete", "Model downloaded"),
+    ("training_start", "Training started"),
+]
+EPOCH = datetime(2026, 11, 1, tzinfo=UTC)
+
+
+def make_event(
+    job_id: str,
+    index: int,
+    *,
+    generation: str = "2026-04",
+    type: str | None = None,
+    message: str | None = None,
+    total_steps: int = 1000,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The `index`-th event of a plausible job timeline, in the chosen generation's shape."""
+    if type is None:
+        type = LIFECYCLE[index][0] if index < len(LIFECYCLE) else "checkpoint_save"
+    if message is None:
+        message = LIFECYCLE[index][1] if index < len(LIFECYCLE) else f"Step {index} done"
+    step = max(0, index - len(LIFECYCLE) + 1)
+    created = EPOCH + timedelta(seconds=index * 7)
+    event: dict[str, Any] = {
+        "object": "fine-tune-event",
+        "created_at": created.isoformat().replace("+00:00", "Z"),
+        "level": "info",
+        "message": message,
+        "type": type,
+        "param_count": 8_030_261_248,
+        "token_count": 1000 * step,
+        "total_steps": total_steps,
+        "wandb_url": "",
+        "step": step,
+        "checkpoint_path": f"s3://ckpt/{job_id}/step-{step}" if type == "checkpoint_save" else "",
+        "model_path": "",
+    }
+    if generation == "2026-04":
+        event["training_offset"] = 0
+        event["hash"] = hashlib.sha1(f"{job_id}/{index}".encode()).hexdigest()  # noqa: S324
+    else:
+        event["tokenized_dataset_path"] = ""
+        event["early_stopping_best_step"] = None
+        event["early_stopping_best_metric_value"] = None
+    event.update(extra)
+    return event
+
+
+@dataclass
+class FakeJob:
+    id: str
+    status: str = "running"
+    generation: str = "2026-04"
+    events: list[dict[str, Any]] = field(default_factory=list)
+    _body: bytes | None = None  # the serialised events, cached until they change
+
+    def events_body(self) -> bytes:
+        if self._body is None:
+            self._body = json.dumps({"data": self.events}).encode()
+        return self._body
+
+
+# A handler returns (status, body bytes, headers) or None to serve the request normally.
+Reply = tuple[int, bytes, dict[str, str]]
+Override = Callable[[str], "Reply | None"]
+
+
+class FakeTogether:
+    """The fake's state. Mutate it from tests; the server thread reads it under a lock."""
+
+    def __init__(self, api_key: str = "test-key", *, latency: float = 0.0) -> None:
+        self.api_key = api_key
+        self.latency = latency
+        self.jobs: dict[str, FakeJob] = {}
+        self.requests: list[str] = []
+        self.override: Override | None = None
+        self.lock = threading.Lock()
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    # -- state ---------------------------------------------------------------------------
+    def add_job(
+        self,
+        job_id: str,
+        *,
+        events: int | list[dict[str, Any]] = 0,
+        status: str = "running",
+        generation: str = "2026-04",
+    ) -> FakeJob:
+        with self.lock:
+            job = FakeJob(id=job_id, status=status, generation=generation)
+            self.jobs[job_id] = job
+        self.add_events(job_id, events)
+        return job
+
+    def add_events(self, job_id: str, events: int | list[dict[str, Any]]) -> None:
+        with self.lock:
+            job = self.jobs[job_id]
+            if isinstance(events, int):
+                start = len(job.events)
+                events = [
+                    make_event(job_id, start + i, generation=job.generation) for i in range(events)
+                ]
+            job.events.extend(events)
+            job._body = None
+
+    def set_events(self, job_id: str, events: list[dict[str, Any]]) -> None:
+        with self.lock:
+            self.jobs[job_id].events = list(events)
+            self.jobs[job_id]._body = None
+
+    def set_status(self, job_id: str, status: str) -> None:
+        with self.lock:
+            self.jobs[job_id].status = status
+
+    def reset(self) -> None:
+        with self.lock:
+            self.jobs.clear()
+            self.requests.clear()
+            self.override = None
+            self.latency = 0.0
+
+    def requests_for(self, job_id: str) -> list[str]:
+        with self.lock:
+            return [p for p in self.requests if f"/fine-tunes/{job_id}" in p]
+
+    # -- serving -------------------------------------------------------------------------
+    def respond(
+        self, method: str, path: str, auth: str | None
+    ) -> tuple[int, bytes, dict[str, str]]:
+        with self.lock:
+            self.requests.append(path)
+            override = self.override
+        if override is not None:
+            forced = override(path)
+            if forced is not None:
+                return forced
+        if method != "GET":
+            return _error(405, "method not allowed", "invalid_request_error")
+        if auth != f"Bearer {self.api_key}":
+            return _error(401, "Invalid API key provided.", "invalid_api_key")
+        parts = [unquote(p) for p in urlsplit(path).path.strip("/").split("/")]
+        if parts[:2] != ["v1", "fine-tunes"]:
+            return _error(404, f"no route for {path}", "not_found")
+        with self.lock:
+            if len(parts) == 2:
+                data = [_job_json(j) for j in self.jobs.values()]
+                return 200, json.dumps({"data": data}).encode(), {}
+            job = self.jobs.get(parts[2])
+            if job is None or len(parts) > 4 or (len(parts) == 4 and parts[3] != "events"):
+                return _error(404, f"Fine-tune job {parts[2]!r} not found", "not_found")
+            if len(parts) == 3:
+                return 200, json.dumps(_job_json(job)).encode(), {}
+            return 200, job.events_body(), {}
+
+    def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        """Serve in a daemon thread; returns the base URL (without /v1)."""
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:
+                if fake.latency:
+                    time.sleep(fake.latency)
+                status, body, headers = fake.respond(
+                    "GET", self.path, self.headers.get("Authorization")
+                )
+                self.send_response(status)
+                headers = {"Content-Type": "application/json", **headers}
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                if "Content-Length" not in headers:
+                    self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer((host, port), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+        return self.base_url
+
+    @property
+    def base_url(self) -> str:
+        assert self._server is not None, "not started"
+        host, port = self._server.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+
+def _job_json(job: FakeJob) -> dict[str, Any]:
+    return {
+        "id": job.id,
+        "status": job.status,
+        "created_at": EPOCH.isoformat(),
+        "updated_at": EPOCH.isoformat(),
+        "model": "meta-llama/Meta-Llama-3.1-8B-Instruct-Reference",
+    }
+
+
+def _error(status: int, message: str, code: str) -> tuple[int, bytes, dict[str, str]]:
+    body = {
+        "error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}
+    }
+    return status, json.dumps(body).encode(), {}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m eventsync.fakeapi",
+        description="Serve a fake Together fine-tuning API on loopback with demo jobs.",
+    )
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--key", default="demo-key", help="the API key clients must send")
+    parser.add_argument("--jobs", type=int, default=3, help="demo jobs to create")
+    parser.add_argument("--events", type=int, default=20, help="events per job at start")
+    parser.add_argument(
+        "--tick", type=float, default=0.0, help="add one event to each running job every N s"
+    )
+    args = parser.parse_args(argv)
+    fake = FakeTogether(api_key=args.key)
+    for i in range(args.jobs):
+        generation = GENERATIONS[i % 2]
+        fake.add_job(f"ft-demo-{i:04d}", events=args.events, generation=generation)
+    url = fake.start(args.host, args.port)
+    print(
+        f"fake Together API on {url} (key {args.key!r}); jobs: {', '.join(fake.jobs)}", flush=True
+    )
+    try:
+        while True:
+            time.sleep(args.tick or 3600)
+            if args.tick:
+                for job_id, job in list(fake.jobs.items()):
+                    if job.status == "running":
+                        fake.add_events(job_id, 1)
+    except KeyboardInterrupt:
+        fake.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""The schema: SQLAlchemy 2 typed models. Alembic migrations are checked against these."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Double,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    func,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+# JSONB on Postgres (indexable, queryable with ->>), JSON text on SQLite (json_extract works).
+RawJSON = JSON().with_variant(JSONB(), "postgresql")
+# SQLite only autoincrements a column declared exactly INTEGER PRIMARY KEY.
+RowId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class FineTuneEvent(Base):
+    """One event of one fine-tuning job, as the API served it. Unique on (job_id, hash)."""
+
+    __tablename__ = "fine_tune_events"
+    __table_args__ = (
+        UniqueConstraint("job_id", "hash", name="uq_fine_tune_events_job_id_hash"),
+        UniqueConstraint("job_id", "seq", name="uq_fine_tune_events_job_id_seq"),
+        Index("ix_fine_tune_events_job_id_created_at", "job_id", "created_at"),
+        Index("ix_fine_tune_events_type", "type"),
+    )
+
+    id: Mapped[int] = mapped_column(RowId, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(String)
+    # Order in which events were first seen, per job: ORDER BY job_id, seq replays a timeline.
+    seq: Mapped[int] = mapped_column(Integer)
+
+    # FineTuneEvent, under the API's names. Only `hash` is required here: the newer
+    # generation has none, so eventsync derives one from the content.
+    object: Mapped[str | None] = mapped_column(String)
+    created_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    level: Mapped[str | None] = mapped_column(String)
+    message: Mapped[str | None] = mapped_column(Text)
+    type: Mapped[str | None] = mapped_column(String)
+    param_count: Mapped[int | None] = mapped_column(BigInteger)
+    token_count: Mapped[int | None] = mapped_column(BigInteger)
+    total_steps: Mapped[int | None] = mapped_column(BigInteger)
+    wandb_url: Mapped[str | None] = mapped_column(Text)
+    step: Mapped[int | None] = mapped_column(BigInteger)
+    checkpoint_path: Mapped[str | None] = mapped_column(Text)
+    model_path: Mapped[str | None] = mapped_column(Text)
+    training_offset: Mapped[int | None] = mapped_column(BigInteger)
+    hash: Mapped[str] = mapped_column(String)
+    # 2026-08 generation.
+    tokenized_dataset_path: Mapped[str | None] = mapped_column(Text)
+    early_stopping_best_step: Mapped[int | None] = mapped_column(BigInteger)
+    early_stopping_best_metric_value: Mapped[float | None] = mapped_column(Double)
+
+    raw: Mapped[dict[str, Any]] = mapped_column(RawJSON)
+    # sha256 of the canonical JSON of the event as received: the "did it change" test.
+    content_hash: Mapped[str] = mapped_column(String(64))
+    # What had to be repaired to store the event (e.g. ["step:int_parsing"]), else NULL.
+    repairs: Mapped[list[str] | None] = mapped_column(RawJSON)
+    first_seen_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now()
+    )
+    updated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class SyncState(Base):
+    """Per-job sync state: what eventsync knows about each job it has been asked to follow."""
+
+    __tablename__ = "sync_state"
+
+    job_id: Mapped[str] = mapped_column(String, primary_key=True)
+    status: Mapped[str | None] = mapped_column(String)
+    last_synced_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_error: Mapped[str | None] = mapped_column(Text)
+    last_error_kind: Mapped[str | None] = mapped_column(String)
+    event_count: Mapped[int] = mapped_column(Integer, server_default="0")
+    max_seq: Mapped[int] = mapped_column(Integer, server_default="0")
+    # "count:last hash" of the last stored list; equal means nothing to write.
+    fingerprint: Mapped[str | None] = mapped_column(String)
+    repairs: Mapped[int] = mapped_column(Integer, server_default="0")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+events_table: Table = FineTuneEvent.__table__  # type: ignore[assignment]
+state_table: Table = SyncState.__table__  # type: ignore[assignment]
