@@ -33,8 +33,9 @@ DatabaseUrl = Annotated[
     str | None,
     typer.Option(
         "--database-url",
-        help="SQLAlchemy URL of the database. [env: EVENTSYNC_DATABASE_URL] "
-        "[default: sqlite:///eventsync.db]",
+        metavar="URL",
+        help="SQLAlchemy URL of the database. (env: EVENTSYNC_DATABASE_URL; "
+        "default: sqlite:///eventsync.db)",
         show_default=False,
     ),
 ]
@@ -42,8 +43,9 @@ BaseUrl = Annotated[
     str | None,
     typer.Option(
         "--base-url",
-        help="Together API base URL, with or without /v1. [env: TOGETHER_BASE_URL] "
-        "[default: https://api.together.ai]",
+        metavar="URL",
+        help="Together API base URL, with or without /v1. (env: TOGETHER_BASE_URL; "
+        "default: https://api.together.ai)",
         show_default=False,
     ),
 ]
@@ -51,8 +53,9 @@ JobIds = Annotated[
     list[str] | None,
     typer.Option(
         "--job-id",
+        metavar="ID",
         help="A fine-tuning job to sync; repeat for several. "
-        "[env: EVENTSYNC_JOB_IDS, comma-separated]",
+        "(env: EVENTSYNC_JOB_IDS, comma-separated)",
         show_default=False,
     ),
 ]
@@ -60,14 +63,15 @@ AllJobs = Annotated[
     bool,
     typer.Option(
         "--all-jobs",
-        help="Also sync every job that GET /v1/fine-tunes lists. [env: EVENTSYNC_ALL_JOBS]",
+        help="Also sync every job that GET /v1/fine-tunes lists. (env: EVENTSYNC_ALL_JOBS)",
     ),
 ]
 Concurrency = Annotated[
     int | None,
     typer.Option(
         "--concurrency",
-        help="Jobs fetched at once. [env: EVENTSYNC_CONCURRENCY] [default: 8]",
+        metavar="N",
+        help="Jobs fetched at once. (env: EVENTSYNC_CONCURRENCY; default: 8)",
         show_default=False,
     ),
 ]

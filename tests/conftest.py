@@ -1,0 +1,101 @@
+"""Shared setup: the fake Together API on loopback, and one fresh database per test.
+
+Database tests run twice, on a SQLite file and on Postgres. Postgres comes from
+EVENTSYNC_TEST_POSTGRES_URL (default postgresql+psycopg://127.0.0.1:5432/test); each test gets
+its own database. If Postgres can't be reached the Postgres cases are skipped with the reason,
+unless EVENTSYNC_REQUIRE_POSTGRES=1, which turns that skip into a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlalchemy import Engine, create_engine, text
+from sqlalchemy.engine import make_url
+
+from eventsync import db
+from eventsync.client import make_http_client
+from eventsync.fakeapi import FakeTogether
+from tests.helpers import API_KEY, make_settings
+
+DEFAULT_PG = "postgresql+psycopg://127.0.0.1:5432/test"
+
+
+@pytest.fixture(scope="session")
+def _fake_server() -> Iterator[FakeTogether]:
+    fake = FakeTogether(api_key=API_KEY)
+    fake.start()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture
+def fake(_fake_server: FakeTogether) -> Iterator[FakeTogether]:
+    """The fake API, emptied for this test."""
+    _fake_server.reset()
+    yield _fake_server
+    _fake_server.reset()
+
+
+def _pg_admin_url() -> str:
+    return os.environ.get("EVENTSYNC_TEST_POSTGRES_URL") or DEFAULT_PG
+
+
+@pytest.fixture(scope="session")
+def pg_admin() -> Iterator[Engine]:
+    """An AUTOCOMMIT engine on the admin database, or None when Postgres is unreachable."""
+    engine = create_engine(_pg_admin_url(), isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    except Exception as exc:
+        engine.dispose()
+        reason = f"Postgres at {make_url(_pg_admin_url()).render_as_string()} unreachable: {exc}"
+        if os.environ.get("EVENTSYNC_REQUIRE_POSTGRES") == "1":
+            pytest.fail(f"EVENTSYNC_REQUIRE_POSTGRES=1 but {reason}")
+        pytest.skip(reason)  # only the Postgres cases use this fixture
+    yield engine
+    engine.dispose()
+
+
+def _new_pg_database(admin: Engine) -> Iterator[str]:
+    name = f"es_test_{uuid.uuid4().hex[:12]}"
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = make_url(_pg_admin_url()).set(database=name)
+    try:
+        yield url.render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A URL to a fresh, empty database: a SQLite file, then a new Postgres database."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'eventsync.db'}"
+    else:
+        admin = request.getfixturevalue("pg_admin")
+        yield from _new_pg_database(admin)
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[Engine]:
+    """An engine on the fresh database, migrated to head."""
+    engine = db.make_engine(db_url)
+    db.upgrade(engine)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def http_client(fake: FakeTogether) -> Iterator[httpx.Client]:
+    settings = make_settings(fake, "sqlite:///unused.db")
+    with make_http_client(settings) as http:
+        yield http

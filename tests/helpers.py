@@ -1,0 +1,101 @@
+"""Helpers shared by the tests: settings for the fake API, one sync pass, write counting."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sqlalchemy import Engine, text
+
+from eventsync.client import TogetherClient, make_http_client
+from eventsync.config import Settings
+from eventsync.fakeapi import FakeTogether
+from eventsync.sync import PassResult, run_pass, select_jobs
+
+API_KEY = "test-key-5f1c2e"
+REPO = Path(__file__).resolve().parent.parent
+
+
+def make_settings(fake: FakeTogether, db_url: str, **extra: object) -> Settings:
+    values: dict[str, object] = {
+        "database_url": db_url,
+        "api_key": API_KEY,
+        "base_url": fake.base_url,
+        **extra,
+    }
+    return Settings(**values)  # type: ignore[arg-type]
+
+
+def sync_pass(
+    fake: FakeTogether,
+    engine: Engine,
+    job_ids: list[str] | None = None,
+    *,
+    all_jobs: bool = False,
+    concurrency: int = 4,
+) -> PassResult:
+    """One pass through the same pieces the CLI composes."""
+    settings = make_settings(fake, str(engine.url), concurrency=concurrency)
+    with make_http_client(settings) as http:
+        client = TogetherClient(http)
+        jobs = select_jobs(client, job_ids or [], all_jobs=all_jobs)
+        return run_pass(client, engine, jobs, concurrency=concurrency)
+
+
+def install_write_counter(engine: Engine) -> None:
+    """Count every row written to fine_tune_events, by triggers inside the database."""
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE write_log (op TEXT NOT NULL)"))
+        if engine.dialect.name == "postgresql":
+            conn.execute(
+                text(
+                    "CREATE FUNCTION log_write() RETURNS trigger AS $$ BEGIN "
+                    "INSERT INTO write_log VALUES (TG_OP); RETURN NULL; END $$ LANGUAGE plpgsql"
+                )
+            )
+            conn.execute(
+                text(
+                    "CREATE TRIGGER count_writes AFTER INSERT OR UPDATE OR DELETE "
+                    "ON fine_tune_events FOR EACH ROW EXECUTE FUNCTION log_write()"
+                )
+            )
+        else:
+            for op in ("INSERT", "UPDATE", "DELETE"):
+                conn.execute(
+                    text(
+                        f"CREATE TRIGGER count_{op.lower()} AFTER {op} ON fine_tune_events "
+                        f"BEGIN INSERT INTO write_log VALUES ('{op}'); END"
+                    )
+                )
+
+
+def writes(engine: Engine) -> dict[str, int]:
+    """Rows written to fine_tune_events since install_write_counter, by operation."""
+    with engine.connect() as conn:
+        rows = conn.execute(text("SELECT op, count(*) FROM write_log GROUP BY op")).all()
+    return {op: n for op, n in rows}
+
+
+def fail_inserts_of(engine: Engine, message: str) -> None:
+    """Make the database itself reject any event with this message (a mid-job crash)."""
+    with engine.begin() as conn:
+        if engine.dialect.name == "postgresql":
+            conn.execute(
+                text(
+                    "CREATE FUNCTION boom() RETURNS trigger AS $$ BEGIN "
+                    f"IF NEW.message = '{message}' THEN RAISE EXCEPTION 'injected failure'; "
+                    "END IF; RETURN NEW; END $$ LANGUAGE plpgsql"
+                )
+            )
+            conn.execute(
+                text(
+                    "CREATE TRIGGER boom BEFORE INSERT ON fine_tune_events "
+                    "FOR EACH ROW EXECUTE FUNCTION boom()"
+                )
+            )
+        else:
+            conn.execute(
+                text(
+                    "CREATE TRIGGER boom BEFORE INSERT ON fine_tune_events "
+                    f"WHEN NEW.message = '{message}' BEGIN SELECT RAISE(ABORT, 'injected'); END"
+                )
+            )

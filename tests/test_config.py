@@ -1,0 +1,81 @@
+"""config.py: flags over environment, job id lists, URL checks, masking."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from eventsync.config import Settings, load_settings, mask_url
+from eventsync.errors import ConfigError
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)
+    for name in (
+        "EVENTSYNC_DATABASE_URL",
+        "EVENTSYNC_JOB_IDS",
+        "EVENTSYNC_CONCURRENCY",
+        "TOGETHER_API_KEY",
+        "TOGETHER_BASE_URL",
+    ):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_defaults() -> None:
+    """With nothing set: SQLite in the working folder, the public API, concurrency 8."""
+    settings = load_settings()
+    assert settings.database_url == "sqlite:///eventsync.db"
+    assert settings.api_root == "https://api.together.ai/v1"
+    assert settings.concurrency == 8
+    assert settings.job_ids == []
+    assert settings.api_key is None
+
+
+def test_environment_and_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    """EVENTSYNC_JOB_IDS is comma-separated; a flag value beats the variable."""
+    monkeypatch.setenv("EVENTSYNC_JOB_IDS", "ft-a, ft-b,,ft-c")
+    monkeypatch.setenv("EVENTSYNC_CONCURRENCY", "3")
+    monkeypatch.setenv("TOGETHER_BASE_URL", "http://127.0.0.1:8765/v1")
+    monkeypatch.setenv("TOGETHER_API_KEY", "k")
+    settings = load_settings(concurrency=5)
+    assert settings.job_ids == ["ft-a", "ft-b", "ft-c"]
+    assert settings.concurrency == 5
+    assert settings.api_root == "http://127.0.0.1:8765/v1"
+    assert settings.require_api_key() == "k"
+
+
+def test_dotenv_file_is_read(tmp_path: Path) -> None:
+    """A .env in the working folder supplies the key, as it would for docker compose."""
+    (tmp_path / ".env").write_text("TOGETHER_API_KEY=from-dotenv\n")
+    assert load_settings().require_api_key() == "from-dotenv"
+
+
+def test_missing_key_is_a_config_error() -> None:
+    """No key: a ConfigError that says which variable to set."""
+    with pytest.raises(ConfigError, match="TOGETHER_API_KEY"):
+        Settings().require_api_key()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"concurrency": 0}, "concurrency"),
+        ({"base_url": "api.together.ai"}, "base_url"),
+        ({"database_url": "mysql://x/y"}, "not supported"),
+        ({"database_url": "not a url"}, "not a database URL"),
+        ({"job_ids": ["ok", "../etc"]}, "invalid job id"),
+    ],
+)
+def test_invalid_settings_are_one_clear_error(overrides: dict[str, object], message: str) -> None:
+    """Each bad value gives a ConfigError naming it."""
+    with pytest.raises(ConfigError, match=message):
+        load_settings(**overrides)
+
+
+def test_postgres_urls_use_psycopg_and_passwords_are_masked() -> None:
+    """postgresql:// is taken to mean psycopg 3; mask_url hides the password."""
+    settings = load_settings(database_url="postgresql://u:s3cret@db:5432/events")
+    assert settings.database_url == "postgresql+psycopg://u:s3cret@db:5432/events"
+    assert mask_url(settings.database_url) == "postgresql+psycopg://u:***@db:5432/events"

@@ -1,0 +1,190 @@
+"""sync.py + store.py on SQLite and Postgres: exactly once, in order, one transaction per job."""
+
+from __future__ import annotations
+
+from sqlalchemy import Engine, select, text
+
+from eventsync.fakeapi import FakeTogether, make_event
+from eventsync.models import events_table, state_table
+from tests.helpers import fail_inserts_of, install_write_counter, sync_pass, writes
+
+
+def stored(engine: Engine, job_id: str) -> list[tuple[int, str, str | None]]:
+    query = (
+        select(events_table.c.seq, events_table.c.hash, events_table.c.message)
+        .where(events_table.c.job_id == job_id)
+        .order_by(events_table.c.seq)
+    )
+    with engine.connect() as conn:
+        return [tuple(r) for r in conn.execute(query)]  # type: ignore[misc]
+
+
+def state(engine: Engine, job_id: str) -> dict[str, object]:
+    with engine.connect() as conn:
+        row = conn.execute(select(state_table).where(state_table.c.job_id == job_id)).one()
+    return dict(row._mapping)
+
+
+def test_first_sync_stores_every_event_in_server_order(fake: FakeTogether, engine: Engine) -> None:
+    """All events of each job land once, and seq replays the server's order."""
+    fake.add_job("ft-old", events=30, generation="2026-04")
+    fake.add_job("ft-new", events=25, generation="2026-08")
+    result = sync_pass(fake, engine, ["ft-old", "ft-new"])
+    assert result.ok
+    assert [(o.job_id, o.new, o.total) for o in result.outcomes] == [
+        ("ft-old", 30, 30),
+        ("ft-new", 25, 25),
+    ]
+    for job_id in ("ft-old", "ft-new"):
+        rows = stored(engine, job_id)
+        assert [r[0] for r in rows] == list(range(1, len(rows) + 1))
+        assert [r[2] for r in rows] == [e["message"] for e in fake.jobs[job_id].events]
+
+
+def test_second_sync_writes_nothing(fake: FakeTogether, engine: Engine) -> None:
+    """A re-poll with nothing new writes zero event rows, counted by triggers in the database."""
+    fake.add_job("ft-1", events=40)
+    fake.add_job("ft-2", events=40, generation="2026-08")
+    sync_pass(fake, engine, ["ft-1", "ft-2"])
+    install_write_counter(engine)
+    result = sync_pass(fake, engine, ["ft-1", "ft-2"])
+    assert result.ok
+    assert [(o.new, o.updated, o.total) for o in result.outcomes] == [(0, 0, 40), (0, 0, 40)]
+    assert writes(engine) == {}
+
+
+def test_second_sync_writes_nothing_even_after_losing_the_fingerprint(
+    fake: FakeTogether, engine: Engine
+) -> None:
+    """Without the list fingerprint shortcut, per-event comparison still writes nothing."""
+    fake.add_job("ft-1", events=40, generation="2026-08")
+    sync_pass(fake, engine, ["ft-1"])
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE sync_state SET fingerprint = NULL"))
+    install_write_counter(engine)
+    assert sync_pass(fake, engine, ["ft-1"]).outcomes[0].new == 0
+    assert writes(engine) == {}
+
+
+def test_trickle_adds_only_new_events_after_the_old_ones(
+    fake: FakeTogether, engine: Engine
+) -> None:
+    """New events get the next seq numbers; exactly that many rows are inserted."""
+    fake.add_job("ft-1", events=10, generation="2026-08")
+    sync_pass(fake, engine, ["ft-1"])
+    fake.add_events("ft-1", 3)
+    install_write_counter(engine)
+    outcome = sync_pass(fake, engine, ["ft-1"]).outcomes[0]
+    assert (outcome.new, outcome.total) == (3, 13)
+    assert writes(engine) == {"INSERT": 3}
+    assert [r[0] for r in stored(engine, "ft-1")] == list(range(1, 14))
+    assert state(engine, "ft-1")["event_count"] == 13
+
+
+def test_changed_content_updates_in_place(fake: FakeTogether, engine: Engine) -> None:
+    """An event whose hash is known but whose content changed is updated, seq kept."""
+    events = [make_event("ft-1", i) for i in range(5)]
+    fake.add_job("ft-1", events=events)
+    sync_pass(fake, engine, ["ft-1"])
+    events[2] = dict(events[2], message="edited by the server")
+    fake.set_events("ft-1", events)
+    install_write_counter(engine)
+    outcome = sync_pass(fake, engine, ["ft-1"]).outcomes[0]
+    assert (outcome.new, outcome.updated, outcome.total) == (0, 1, 5)
+    assert writes(engine) == {"UPDATE": 1}
+    assert stored(engine, "ft-1")[2] == (3, events[2]["hash"], "edited by the server")
+
+
+def test_an_event_inserted_before_known_ones_is_seen_last(
+    fake: FakeTogether, engine: Engine
+) -> None:
+    """seq records when an event was first seen, so a late arrival gets the next number."""
+    events = [make_event("ft-1", i, generation="2026-08") for i in range(3)]
+    fake.add_job("ft-1", events=events[1:])
+    sync_pass(fake, engine, ["ft-1"])
+    fake.set_events("ft-1", events)
+    sync_pass(fake, engine, ["ft-1"])
+    assert [r[2] for r in stored(engine, "ft-1")] == [
+        events[1]["message"],
+        events[2]["message"],
+        events[0]["message"],
+    ]
+
+
+def test_same_hash_in_two_jobs_is_two_rows(fake: FakeTogether, engine: Engine) -> None:
+    """Uniqueness is per job: (job_id, hash)."""
+    shared = make_event("ft-x", 0, hash="same-hash")
+    fake.add_job("ft-a", events=[shared])
+    fake.add_job("ft-b", events=[shared])
+    sync_pass(fake, engine, ["ft-a", "ft-b"])
+    assert stored(engine, "ft-a") == [(1, "same-hash", shared["message"])]
+    assert stored(engine, "ft-b") == [(1, "same-hash", shared["message"])]
+
+
+def test_all_jobs_follows_the_listing(fake: FakeTogether, engine: Engine) -> None:
+    """--all-jobs syncs every listed job and records its status."""
+    fake.add_job("ft-1", events=3, status="running")
+    fake.add_job("ft-2", events=4, status="completed")
+    result = sync_pass(fake, engine, all_jobs=True)
+    assert {(o.job_id, o.total) for o in result.outcomes} == {("ft-1", 3), ("ft-2", 4)}
+    assert state(engine, "ft-2")["status"] == "completed"
+    assert state(engine, "ft-1")["last_synced_at"] is not None
+
+
+def test_a_failing_job_does_not_stop_the_others(fake: FakeTogether, engine: Engine) -> None:
+    """An unknown job fails alone, with its error recorded in its sync state."""
+    fake.add_job("ft-ok", events=5)
+    result = sync_pass(fake, engine, ["ft-missing", "ft-ok"])
+    missing, ok = result.outcomes
+    assert not result.ok
+    assert missing.error is not None
+    assert missing.error.kind == "not_found"
+    assert (ok.new, ok.total) == (5, 5)
+    recorded = state(engine, "ft-missing")
+    assert recorded["last_error_kind"] == "not_found"
+    assert "unknown job" in str(recorded["last_error"])
+    assert recorded["last_synced_at"] is None
+
+
+def test_a_crash_mid_job_leaves_that_job_untouched(fake: FakeTogether, engine: Engine) -> None:
+    """The database rejects the 7th event of a job: none of that job's events are kept."""
+    fake.add_job("ft-good", events=10)
+    fake.add_job("ft-bad", events=5)
+    sync_pass(fake, engine, ["ft-bad"])
+    events = [make_event("ft-bad", i) for i in range(12)]
+    events[6] = dict(events[6], message="explode")
+    fake.set_events("ft-bad", events)
+    fail_inserts_of(engine, "explode")
+    result = sync_pass(fake, engine, ["ft-good", "ft-bad"])
+    good, bad = result.outcomes
+    assert good.ok
+    assert good.total == 10
+    assert bad.error is not None
+    assert bad.error.kind == "database"
+    assert len(stored(engine, "ft-bad")) == 5
+    recorded = state(engine, "ft-bad")
+    assert (recorded["event_count"], recorded["last_error_kind"]) == (5, "database")
+    # Once the database accepts the event again, the next pass catches up completely.
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "DROP TRIGGER boom"
+                + (" ON fine_tune_events" if engine.dialect.name == "postgresql" else "")
+            )
+        )
+    assert sync_pass(fake, engine, ["ft-bad"]).outcomes[0].new == 7
+    assert len(stored(engine, "ft-bad")) == 12
+
+
+def test_raw_and_repairs_are_stored(fake: FakeTogether, engine: Engine) -> None:
+    """raw round-trips through JSON/JSONB, NULs escaped; repairs are recorded per row."""
+    event = make_event("ft-1", 0, message="nul\x00here", step="??", surprise={"nested": [1, 2]})
+    fake.add_job("ft-1", events=[event])
+    assert sync_pass(fake, engine, ["ft-1"]).ok
+    with engine.connect() as conn:
+        row = conn.execute(select(events_table).where(events_table.c.job_id == "ft-1")).one()
+    assert row.raw["surprise"] == {"nested": [1, 2]}
+    assert row.raw["message"] == "nul\\u0000here"
+    assert row.message == "nul\ufffdhere"
+    assert row.step is None
+    assert sorted(row.repairs) == ["message:nul_or_surrogate", "raw:escaped", "step:int_parsing"]
