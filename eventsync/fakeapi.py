@@ -105,6 +105,9 @@ class FakeTogether:
         self.latency = latency
         self.jobs: dict[str, FakeJob] = {}
         self.requests: list[str] = []
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.client_ports: set[int] = set()  # one per TCP connection: shows keep-alive reuse
         self.override: Override | None = None
         self.lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
@@ -149,6 +152,8 @@ class FakeTogether:
         with self.lock:
             self.jobs.clear()
             self.requests.clear()
+            self.in_flight = self.max_in_flight = 0
+            self.client_ports.clear()
             self.override = None
             self.latency = 0.0
 
@@ -193,11 +198,18 @@ class FakeTogether:
             protocol_version = "HTTP/1.1"
 
             def do_GET(self) -> None:
-                if fake.latency:
-                    time.sleep(fake.latency)
-                status, body, headers = fake.respond(
-                    "GET", self.path, self.headers.get("Authorization")
-                )
+                with fake.lock:
+                    fake.client_ports.add(self.client_address[1])
+                    fake.in_flight += 1
+                    fake.max_in_flight = max(fake.max_in_flight, fake.in_flight)
+                try:
+                    if fake.latency:
+                        time.sleep(fake.latency)
+                    auth = self.headers.get("Authorization")
+                    status, body, headers = fake.respond("GET", self.path, auth)
+                finally:
+                    with fake.lock:
+                        fake.in_flight -= 1
                 self.send_response(status)
                 headers = {"Content-Type": "application/json", **headers}
                 for name, value in headers.items():

@@ -188,3 +188,17 @@ def test_raw_and_repairs_are_stored(fake: FakeTogether, engine: Engine) -> None:
     assert row.message == "nul\ufffdhere"
     assert row.step is None
     assert sorted(row.repairs) == ["message:nul_or_surrogate", "raw:escaped", "step:int_parsing"]
+
+
+def test_jobs_run_concurrently_on_reused_connections(fake: FakeTogether, engine: Engine) -> None:
+    """Up to `concurrency` requests are in flight at once, over a pool of kept-alive sockets."""
+    for i in range(12):
+        fake.add_job(f"ft-{i}", events=3)
+    fake.latency = 0.05
+    result = sync_pass(fake, engine, all_jobs=True, concurrency=4)
+    assert result.ok
+    assert len(result.outcomes) == 12
+    assert fake.max_in_flight == 4
+    # 13 requests (listing + 12 jobs) over at most 4 connections, plus one for the listing.
+    assert len(fake.requests) == 13
+    assert len(fake.client_ports) <= 5
