@@ -2,21 +2,29 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Annotated, NoReturn
+from datetime import UTC, datetime
+from typing import Annotated, Any, NoReturn
 
+import httpx
 import typer
+from pythonjsonlogger.json import JsonFormatter
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from eventsync import __version__, db
+from eventsync import __version__, db, store
 from eventsync.client import TogetherClient, make_http_client
 from eventsync.config import Settings, load_settings, mask_url
-from eventsync.errors import ConfigError, EventsyncError
-from eventsync.sync import JobOutcome, run_pass, select_jobs
+from eventsync.daemon import Daemon, Metrics, exit_now, serve_status
+from eventsync.errors import ConfigError, EventsyncError, first_line
+from eventsync.sync import JobOutcome, plan_jobs, run_pass
 
 log = logging.getLogger("eventsync")
 
@@ -28,6 +36,10 @@ app = typer.Typer(
 )
 db_app = typer.Typer(help="Manage the database schema (Alembic migrations).", no_args_is_help=True)
 app.add_typer(db_app, name="db")
+jobs_app = typer.Typer(
+    help="Manage the jobs the daemon follows (kept in the database).", no_args_is_help=True
+)
+app.add_typer(jobs_app, name="jobs")
 
 DatabaseUrl = Annotated[
     str | None,
@@ -76,6 +88,15 @@ Concurrency = Annotated[
     ),
 ]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Log debug detail.")]
+LogFormat = Annotated[
+    str | None,
+    typer.Option(
+        "--log-format",
+        metavar="FORMAT",
+        help="console or json. (env: EVENTSYNC_LOG_FORMAT; default: console)",
+        show_default=False,
+    ),
+]
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
@@ -84,14 +105,43 @@ def fail(message: str, code: int = 1) -> NoReturn:
     raise typer.Exit(code)
 
 
-def setup_logging(verbose: bool = False) -> None:
+class RedactFilter(logging.Filter):
+    """Belt and braces: replace the API key wherever it might appear in a log record."""
+
+    def __init__(self, secret: str) -> None:
+        super().__init__()
+        self.secret = secret
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if self.secret in message:
+            record.msg, record.args = message.replace(self.secret, "***"), None
+        if record.exc_info and not record.exc_text:
+            text = logging.Formatter().formatException(record.exc_info)
+            record.exc_text = text.replace(self.secret, "***")
+        return True
+
+
+def setup_logging(settings: Settings | None = None, *, verbose: bool = False) -> None:
+    """Console lines or JSON objects on stderr; never the API key."""
+    log_format = settings.log_format if settings is not None else "console"
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        handler.setFormatter(
+            JsonFormatter(
+                "%(asctime)s %(levelname)s %(name)s %(message)s",
+                rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
+            )
+        )
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    secret = settings.api_key.get_secret_value().strip() if settings and settings.api_key else ""
+    if len(secret) >= 8:  # a shorter "key" would garble ordinary words, and is no real key
+        handler.addFilter(RedactFilter(secret))
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-        force=True,
+        level=logging.DEBUG if verbose else logging.INFO, handlers=[handler], force=True
     )
-    for noisy in ("httpx", "httpcore", "alembic.runtime.migration"):
+    for noisy in ("httpx", "httpcore", "alembic.runtime.migration", "apscheduler"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -105,13 +155,17 @@ def settings_from(**overrides: object) -> Settings:
 @contextmanager
 def open_engine(settings: Settings) -> Iterator[Engine]:
     """An engine for the settings' database; open or migration failures are one-line errors."""
-    engine = db.make_engine(settings.database_url, pool_size=settings.concurrency)
+    where = mask_url(settings.database_url)
+    try:
+        engine = db.make_engine(settings.database_url, pool_size=settings.concurrency)
+    except (SQLAlchemyError, ImportError) as exc:
+        fail(f"database {where}: {first_line(exc)}")
     try:
         yield engine
     except SQLAlchemyError as exc:
-        orig = getattr(exc, "orig", None) or exc
-        first = str(orig).strip().splitlines()[0] if str(orig).strip() else type(orig).__name__
-        fail(f"database {mask_url(settings.database_url)}: {first}")
+        fail(f"database {where}: {first_line(exc)}")
+    except ConfigError as exc:
+        fail(f"database {where}: {exc}")
     finally:
         engine.dispose()
 
@@ -128,27 +182,31 @@ def _root(
 @db_app.command("upgrade")
 def db_upgrade(database_url: DatabaseUrl = None, verbose: Verbose = False) -> None:
     """Upgrade the database schema to the newest revision (creates it when empty)."""
-    setup_logging(verbose)
     settings = settings_from(database_url=database_url)
+    setup_logging(settings, verbose=verbose)
     with open_engine(settings) as engine:
         before, after = db.upgrade(engine)
+    where = mask_url(settings.database_url)
     if before == after:
-        typer.echo(f"{mask_url(settings.database_url)}: already at {after}")
+        typer.echo(f"{where}: already at {after}")
     else:
-        typer.echo(
-            f"{mask_url(settings.database_url)}: upgraded {before or 'empty database'} -> {after}"
-        )
+        typer.echo(f"{where}: upgraded {before or 'empty database'} -> {after}")
 
 
 @db_app.command("current")
 def db_current(database_url: DatabaseUrl = None, verbose: Verbose = False) -> None:
     """Show the database's schema revision and the newest one available."""
-    setup_logging(verbose)
     settings = settings_from(database_url=database_url)
+    setup_logging(settings, verbose=verbose)
     with open_engine(settings) as engine:
         current = db.current_revision(engine)
     head = db.head_revision()
-    state = "up to date" if current == head else "needs `eventsync db upgrade`"
+    if current == head:
+        state = "up to date"
+    elif current is not None and not db.is_known_revision(current):
+        state = "the database is newer than this eventsync: upgrade eventsync"
+    else:
+        state = "needs `eventsync db upgrade` (eventsync sync and run do it by themselves)"
     typer.echo(f"current: {current or 'none (empty database)'}\nhead:    {head}\n{state}")
 
 
@@ -159,41 +217,46 @@ def sync(
     database_url: DatabaseUrl = None,
     base_url: BaseUrl = None,
     concurrency: Concurrency = None,
+    log_format: LogFormat = None,
     verbose: Verbose = False,
 ) -> None:
     """Make one pass over the configured jobs, store their new events, and exit.
 
-    Prints one line per job (new events, total). Exits 1 if any job failed, naming each
-    failure and its cause on stderr. The API key comes from TOGETHER_API_KEY (or .env).
+    Jobs: --job-id, EVENTSYNC_JOB_IDS, the jobs added with `eventsync jobs add`, and with
+    --all-jobs every job the API lists. Prints one line per job (new events, total). Exits 1
+    if any job failed, naming each failure and its cause on stderr. The API key comes from
+    TOGETHER_API_KEY (or .env).
     """
-    setup_logging(verbose)
     settings = settings_from(
         job_ids=job_id or None,
         all_jobs=all_jobs or None,
         database_url=database_url,
         base_url=base_url,
         concurrency=concurrency,
+        log_format=log_format,
     )
-    if not settings.job_ids and not settings.all_jobs:
-        fail(
-            "no jobs to sync: pass --job-id ID (repeatable), set EVENTSYNC_JOB_IDS, "
-            "or use --all-jobs",
-            code=2,
-        )
-    try:
-        http = make_http_client(settings)
-    except ConfigError as exc:
-        fail(str(exc))
+    setup_logging(settings, verbose=verbose)
+    http = _http_client(settings)
     with http, open_engine(settings) as engine:
         db.ensure_schema(engine)
         client = TogetherClient(http)
         try:
-            jobs = select_jobs(client, settings.job_ids, all_jobs=settings.all_jobs)
+            jobs = plan_jobs(client, engine, settings.job_ids, all_jobs=settings.all_jobs)
         except EventsyncError as exc:
             fail(f"could not list jobs: {exc}")
-        result = run_pass(
-            client, engine, jobs, concurrency=settings.concurrency, on_done=_print_outcome
-        )
+        if not jobs:
+            fail(
+                "no jobs to sync: pass --job-id ID (repeatable), set EVENTSYNC_JOB_IDS, "
+                "add some with `eventsync jobs add`, or use --all-jobs",
+                code=2,
+            )
+        with _progress(settings, len(jobs)) as advance:
+
+            def done(outcome: JobOutcome) -> None:
+                _print_outcome(outcome)
+                advance()
+
+            result = run_pass(client, engine, jobs, concurrency=settings.concurrency, on_done=done)
     failed = [o for o in result.outcomes if not o.ok]
     log.info(
         "pass done: %d job(s), %d new event(s), %d failed, %.2fs",
@@ -206,12 +269,217 @@ def sync(
         raise typer.Exit(1)
 
 
+@contextmanager
+def _progress(settings: Settings, total: int) -> Iterator[Callable[[], None]]:
+    """A progress bar on an interactive terminal; nothing when piped or logging JSON."""
+    if settings.log_format == "json" or not sys.stderr.isatty() or total < 2:
+        yield lambda: None
+        return
+    columns = (
+        TextColumn("syncing"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("jobs"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("sync", total=total)
+        yield lambda: bar.advance(task)
+
+
 def _print_outcome(outcome: JobOutcome) -> None:
     if outcome.error is not None:
         typer.echo(f"error: {outcome.error} [{outcome.error.kind}]", err=True)
         return
     updated = f", {outcome.updated} updated" if outcome.updated else ""
     typer.echo(f"{outcome.job_id}: {outcome.new} new{updated}, {outcome.total} total")
+
+
+def _http_client(settings: Settings, **kwargs: Any) -> httpx.Client:
+    try:
+        return make_http_client(settings, **kwargs)
+    except ConfigError as exc:
+        fail(str(exc))
+
+
+@app.command()
+def run(
+    job_id: JobIds = None,
+    all_jobs: AllJobs = False,
+    interval: Annotated[
+        float | None,
+        typer.Option(
+            "--interval",
+            metavar="SECONDS",
+            help="Seconds between passes. (env: EVENTSYNC_INTERVAL; default: 60)",
+            show_default=False,
+        ),
+    ] = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            "--metrics-port",
+            metavar="PORT",
+            help="Port for /healthz and /metrics; 0 disables. "
+            "(env: EVENTSYNC_METRICS_PORT; default: 9464)",
+            show_default=False,
+        ),
+    ] = None,
+    metrics_host: Annotated[
+        str | None,
+        typer.Option(
+            "--metrics-host",
+            metavar="HOST",
+            help="Address for /healthz and /metrics. "
+            "(env: EVENTSYNC_METRICS_HOST; default: 127.0.0.1)",
+            show_default=False,
+        ),
+    ] = None,
+    database_url: DatabaseUrl = None,
+    base_url: BaseUrl = None,
+    concurrency: Concurrency = None,
+    log_format: LogFormat = None,
+    verbose: Verbose = False,
+) -> None:
+    """Run as a service: a sync pass now, then one every --interval seconds.
+
+    Follows --job-id, EVENTSYNC_JOB_IDS, the jobs added with `eventsync jobs add` (read again
+    every pass) and with --all-jobs every job the API lists. A job that ended gets one last
+    successful fetch and is then no longer polled. SIGTERM or Ctrl-C stops after the jobs
+    under way (a second one exits at once).
+    """
+    settings = settings_from(
+        job_ids=job_id or None,
+        all_jobs=all_jobs or None,
+        interval=interval,
+        metrics_port=metrics_port,
+        metrics_host=metrics_host,
+        database_url=database_url,
+        base_url=base_url,
+        concurrency=concurrency,
+        log_format=log_format,
+    )
+    setup_logging(settings, verbose=verbose)
+    metrics = Metrics()
+    http = _http_client(settings, event_hooks={"response": [metrics.on_response]})
+    with http, open_engine(settings) as engine:
+        db.ensure_schema(engine)
+        daemon = Daemon(settings, engine=engine, http=http, metrics=metrics)
+        server = None
+        if settings.metrics_port:
+            try:
+                server = serve_status(
+                    settings.metrics_host, settings.metrics_port, daemon.health, metrics
+                )
+            except OSError as exc:
+                fail(
+                    f"cannot serve /healthz and /metrics on "
+                    f"{settings.metrics_host}:{settings.metrics_port}: {exc.strerror or exc}"
+                    " (choose another --metrics-port, or 0 to disable)"
+                )
+            log.info(
+                "serving /healthz and /metrics on http://%s:%d",
+                settings.metrics_host,
+                settings.metrics_port,
+            )
+        try:
+            code = daemon.serve()
+        finally:
+            if server is not None:
+                server.shutdown()
+    if not daemon.idle.is_set():
+        exit_now(code)  # a pass is still stuck in I/O: don't wait for its threads
+    raise typer.Exit(code)
+
+
+@jobs_app.command("add")
+def jobs_add(
+    job_ids: Annotated[list[str], typer.Argument(metavar="ID...", help="Job ids to follow.")],
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Follow these jobs: `eventsync run` and `sync` pick them up at their next pass."""
+    settings = settings_from(database_url=database_url, job_ids=job_ids)
+    setup_logging(settings)
+    with open_engine(settings) as engine:
+        db.ensure_schema(engine)
+        with engine.begin() as connection:
+            changed = store.set_tracked(connection, settings.job_ids, tracked=True)
+    for job in settings.job_ids:
+        typer.echo(f"{job}: {'added' if job in changed else 'already followed'}")
+
+
+@jobs_app.command("remove")
+def jobs_remove(
+    job_ids: Annotated[list[str], typer.Argument(metavar="ID...", help="Job ids to drop.")],
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Stop following these jobs. Their stored events are kept."""
+    settings = settings_from(database_url=database_url, job_ids=job_ids)
+    setup_logging(settings)
+    with open_engine(settings) as engine:
+        db.ensure_schema(engine)
+        with engine.begin() as connection:
+            changed = store.set_tracked(connection, settings.job_ids, tracked=False)
+    for job in settings.job_ids:
+        typer.echo(f"{job}: {'removed' if job in changed else 'was not followed'}")
+
+
+@jobs_app.command("list")
+def jobs_list(
+    database_url: DatabaseUrl = None,
+    output: Annotated[
+        str, typer.Option("--format", help="table or json.", metavar="FORMAT")
+    ] = "table",
+) -> None:
+    """Every job eventsync knows: status, events, last sync, last error."""
+    settings = settings_from(database_url=database_url)
+    setup_logging(settings)
+    if output not in ("table", "json"):
+        fail(f"--format must be table or json, not {output!r}", code=2)
+    with open_engine(settings) as engine:
+        db.ensure_schema(engine)
+        with engine.connect() as connection:
+            rows = store.job_states(connection)
+    records = [
+        {
+            "job_id": r.job_id,
+            "followed": bool(r.tracked),
+            "status": r.status,
+            "finished": r.finished_at is not None,
+            "events": r.event_count,
+            "last_sync": _iso(r.last_synced_at),
+            "last_error": r.last_error,
+        }
+        for r in rows
+    ]
+    if output == "json":
+        typer.echo(json.dumps(records, indent=2))
+        return
+    if not records:
+        typer.echo("no jobs yet: add some with `eventsync jobs add ID`, or run `eventsync sync`")
+        return
+    table = Table(box=None, pad_edge=False)
+    for name in ("job", "followed", "status", "events", "last sync", "last error"):
+        table.add_column(name, no_wrap=name != "last error")
+    for r in records:
+        status = str(r["status"] or "?") + (" (finished)" if r["finished"] else "")
+        table.add_row(
+            str(r["job_id"]),
+            "yes" if r["followed"] else "",
+            status,
+            str(r["events"]),
+            str(r["last_sync"] or "never"),
+            str(r["last_error"] or ""),
+        )
+    Console().print(table)
+
+
+def _iso(value: datetime | None) -> str | None:
+    if value is None:
+        return None
+    if value.tzinfo is None:  # SQLite hands back naive UTC
+        value = value.replace(tzinfo=UTC)
+    return value.isoformat(timespec="seconds")
 
 
 def main() -> None:

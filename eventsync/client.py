@@ -17,6 +17,7 @@ from eventsync.errors import (
     ApiError,
     ApiStatusError,
     AuthError,
+    EventsyncError,
     NotFoundError,
     PayloadError,
     TransportError,
@@ -106,6 +107,20 @@ class TogetherClient:
 
     def _get_json(self, path: str, *, what: str) -> Any:
         try:
+            return self._fetch_json(path, what=what)
+        except EventsyncError as error:
+            raise self._masked(error) from None
+
+    def _masked(self, error: EventsyncError) -> EventsyncError:
+        """The error with the key replaced by ***, should any layer have quoted it."""
+        if self._secret and self._secret in str(error):
+            error.args = (str(error).replace(self._secret, "***"),)
+            if isinstance(error, ApiError) and error.api_message:
+                error.api_message = error.api_message.replace(self._secret, "***")
+        return error
+
+    def _fetch_json(self, path: str, *, what: str) -> Any:
+        try:
             response = self.http.get(path)
         except httpx.TimeoutException as exc:
             raise TransportError(
@@ -113,12 +128,15 @@ class TogetherClient:
             ) from None
         except httpx.HTTPError as exc:
             raise TransportError(f"{what}: network error: {type(exc).__name__}: {exc}") from None
+        if response.is_redirect:
+            location = response.headers.get("location", "?")
+            raise ApiStatusError(
+                f"{what}: HTTP {response.status_code} redirect to {location}; "
+                "check TOGETHER_BASE_URL (https://api.together.ai)",
+                status_code=response.status_code,
+            )
         if response.status_code >= 400:
-            error = _status_error(response, what)
-            if self._secret and self._secret in str(error):
-                error.args = (str(error).replace(self._secret, "***"),)
-                error.api_message = (error.api_message or "").replace(self._secret, "***")
-            raise error
+            raise _status_error(response, what)
         try:
             return json.loads(response.content)
         except ValueError as exc:
@@ -144,9 +162,9 @@ def _api_message(response: httpx.Response) -> str | None:
     if isinstance(body, dict):
         error = body.get("error")
         if isinstance(error, dict) and isinstance(error.get("message"), str):
-            return str(error["message"])[:300]
+            return " ".join(str(error["message"]).split())[:300]
         if isinstance(body.get("message"), str):
-            return str(body["message"])[:300]
+            return " ".join(str(body["message"]).split())[:300]
     return None
 
 

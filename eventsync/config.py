@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+import httpx
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
@@ -14,6 +15,7 @@ from eventsync.errors import ConfigError
 
 DEFAULT_BASE_URL = "https://api.together.ai"
 DEFAULT_DATABASE_URL = "sqlite:///eventsync.db"
+SUPPORTED_DRIVERS = ("sqlite", "sqlite+pysqlite", "postgresql+psycopg")
 
 # Together job ids look like ``ft-01234567-89ab-...``. Anything with a slash, a dot-segment or
 # whitespace could address another endpoint, so it is refused before any request.
@@ -56,17 +58,21 @@ class Settings(BaseSettings):
     )
 
     database_url: str = DEFAULT_DATABASE_URL
-    api_key: SecretStr | None = Field(
-        default=None, validation_alias=AliasChoices("api_key", "TOGETHER_API_KEY")
-    )
-    base_url: str = Field(
-        default=DEFAULT_BASE_URL, validation_alias=AliasChoices("base_url", "TOGETHER_BASE_URL")
-    )
+    # Only the TOGETHER_* names: a generic API_KEY or BASE_URL in the environment must never
+    # replace them (that would send the key elsewhere). Tests pass api_key= by field name.
+    api_key: SecretStr | None = Field(default=None, validation_alias="TOGETHER_API_KEY")
+    base_url: str = Field(default=DEFAULT_BASE_URL, validation_alias="TOGETHER_BASE_URL")
     job_ids: Annotated[list[str], NoDecode] = Field(default_factory=list)
     all_jobs: bool = False
     concurrency: int = Field(default=8, ge=1, le=256)
     timeout: float = Field(default=30.0, gt=0, description="seconds per HTTP read")
     connect_timeout: float = Field(default=10.0, gt=0)
+    # The daemon (`eventsync run`).
+    interval: float = Field(default=60.0, ge=0.1, description="seconds between passes")
+    metrics_port: int = Field(default=9464, ge=0, le=65535, description="0 disables")
+    metrics_host: str = "127.0.0.1"
+    shutdown_grace: float = Field(default=8.0, ge=0, description="seconds to finish a pass")
+    log_format: Literal["console", "json"] = "console"
 
     @field_validator("job_ids", mode="before")
     @classmethod
@@ -81,7 +87,11 @@ class Settings(BaseSettings):
     @classmethod
     def _check_base_url(cls, value: str) -> str:
         value = value.strip()
-        if not re.match(r"^https?://[^/\s]+", value):
+        try:
+            url = httpx.URL(value)
+        except (httpx.InvalidURL, TypeError) as exc:
+            raise ValueError(f"is not a URL ({exc}): {value!r}") from None
+        if url.scheme not in ("http", "https") or not url.host:
             raise ValueError(f"must be an http:// or https:// URL, got {value!r}")
         return value
 
@@ -92,21 +102,33 @@ class Settings(BaseSettings):
             url = make_url(value)
         except ArgumentError:
             raise ValueError("is not a database URL (try sqlite:///eventsync.db)") from None
-        if url.get_backend_name() not in ("sqlite", "postgresql"):
-            raise ValueError(f"backend {url.get_backend_name()!r} is not supported")
-        if url.get_backend_name() == "postgresql" and url.drivername == "postgresql":
-            # psycopg 3 is what we install; plain postgresql:// would look for psycopg2.
-            value = url.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
-        return value
+        if url.drivername in ("postgresql", "postgres", "postgresql+psycopg2"):
+            # psycopg 3 is what we install; postgresql:// would look for psycopg2.
+            url = url.set(drivername="postgresql+psycopg")
+        if url.drivername not in SUPPORTED_DRIVERS:
+            raise ValueError(
+                f"driver {url.drivername!r} is not supported: use sqlite:///PATH "
+                "or postgresql://USER:PASSWORD@HOST/DB"
+            )
+        if url.drivername.startswith("sqlite") and url.database in (None, "", ":memory:"):
+            raise ValueError("must name a SQLite file (sqlite:///eventsync.db), not memory")
+        return url.render_as_string(hide_password=False)
 
     @property
     def api_root(self) -> str:
         return api_root(self.base_url)
 
     def require_api_key(self) -> str:
-        if self.api_key is None or not self.api_key.get_secret_value().strip():
+        key = self.api_key.get_secret_value().strip() if self.api_key else ""
+        if not key:
             raise ConfigError("no API key: set TOGETHER_API_KEY in the environment or in .env")
-        return self.api_key.get_secret_value().strip()
+        if not all(33 <= ord(c) <= 126 for c in key):
+            # It could not travel in a header; and never echo it to say why.
+            raise ConfigError(
+                "TOGETHER_API_KEY holds spaces, line breaks or non-ASCII characters; "
+                "check how it was pasted"
+            )
+        return key
 
 
 def load_settings(**overrides: Any) -> Settings:

@@ -15,8 +15,11 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from alembic.util import CommandError as AlembicError
 from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
+
+from eventsync.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +83,13 @@ def head_revision() -> str | None:
     return ScriptDirectory.from_config(alembic_config()).get_current_head()
 
 
+def is_known_revision(revision: str) -> bool:
+    try:
+        return ScriptDirectory.from_config(alembic_config()).get_revision(revision) is not None
+    except AlembicError:
+        return False
+
+
 def current_revision(engine: Engine) -> str | None:
     with engine.connect() as connection:
         return MigrationContext.configure(connection).get_current_revision()
@@ -103,6 +113,11 @@ def upgrade(engine: Engine) -> tuple[str | None, str | None]:
     with engine.connect() as connection, _migration_lock(connection):
         before = MigrationContext.configure(connection).get_current_revision()
         head = head_revision()
+        if before is not None and not is_known_revision(before):
+            raise ConfigError(
+                f"the database is at schema revision {before}, which this eventsync "
+                f"(newest revision {head}) does not know: upgrade eventsync"
+            )
         if before != head:
             command.upgrade(alembic_config(connection), "head")
             connection.commit()

@@ -73,3 +73,10 @@ class StoreError(EventsyncError):
     """The database failed while storing a job."""
 
     kind = "database"
+
+
+def first_line(exc: BaseException) -> str:
+    """A driver error's first line, without SQLAlchemy's SQL and parameter dump."""
+    orig = getattr(exc, "orig", None) or exc
+    text = str(orig).strip()
+    return text.splitlines()[0] if text else type(orig).__name__

@@ -83,12 +83,6 @@ class ParsedEvents:
     repairs: Counter[str] = field(default_factory=Counter)
     duplicates: int = 0
 
-    @property
-    def fingerprint(self) -> str:
-        """Changes whenever the list gains, loses or reorders events (count and last hash)."""
-        last = self.rows[-1]["hash"] if self.rows else ""
-        return f"{len(self.rows)}:{last}"
-
 
 def canonical_json(value: Any) -> bytes:
     """Sorted-key compact JSON, the input of derived hashes and content digests."""
@@ -101,14 +95,14 @@ def canonical_json(value: Any) -> bytes:
 
 
 def parse_created_at(value: Any) -> datetime | None:
-    """An aware datetime from the API's string; naive strings are taken as UTC."""
+    """An aware UTC datetime from the API's string; naive strings are taken as UTC."""
     if not isinstance(value, str):
         return None
     try:
         parsed = datetime.fromisoformat(value.strip())
     except ValueError:
         return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    return parsed.astimezone(UTC) if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 def _clean_text(value: str) -> str:

@@ -101,7 +101,7 @@ class FakeTogether:
     """The fake's state. Mutate it from tests; the server thread reads it under a lock."""
 
     def __init__(self, api_key: str = "test-key", *, latency: float = 0.0) -> None:
-        self.api_key = api_key
+        self.api_key = self._initial_key = api_key
         self.latency = latency
         self.jobs: dict[str, FakeJob] = {}
         self.requests: list[str] = []
@@ -156,6 +156,7 @@ class FakeTogether:
             self.client_ports.clear()
             self.override = None
             self.latency = 0.0
+            self.api_key = self._initial_key
 
     def requests_for(self, job_id: str) -> list[str]:
         with self.lock:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     DateTime,
     Double,
     Index,
@@ -16,10 +17,13 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    TypeDecorator,
     UniqueConstraint,
+    false,
     func,
 )
 from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 NAMING_CONVENTION = {
@@ -34,6 +38,24 @@ NAMING_CONVENTION = {
 RawJSON = JSON().with_variant(JSONB(), "postgresql")
 # SQLite only autoincrements a column declared exactly INTEGER PRIMARY KEY.
 RowId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC on both databases. SQLite keeps no offset, so values are converted
+    to UTC before they are stored and marked UTC when read back."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 class Base(DeclarativeBase):
@@ -59,7 +81,7 @@ class FineTuneEvent(Base):
     # FineTuneEvent, under the API's names. Only `hash` is required here: the newer
     # generation has none, so eventsync derives one from the content.
     object: Mapped[str | None] = mapped_column(String)
-    created_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     level: Mapped[str | None] = mapped_column(String)
     message: Mapped[str | None] = mapped_column(Text)
     type: Mapped[str | None] = mapped_column(String)
@@ -82,10 +104,8 @@ class FineTuneEvent(Base):
     content_hash: Mapped[str] = mapped_column(String(64))
     # What had to be repaired to store the event (e.g. ["step:int_parsing"]), else NULL.
     repairs: Mapped[list[str] | None] = mapped_column(RawJSON)
-    first_seen_at: Mapped[datetime] = mapped_column(
-        DateTime(timezone=True), server_default=func.now()
-    )
-    updated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    first_seen_at: Mapped[datetime] = mapped_column(UTCDateTime(), server_default=func.now())
+    updated_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
 class SyncState(Base):
@@ -95,16 +115,22 @@ class SyncState(Base):
 
     job_id: Mapped[str] = mapped_column(String, primary_key=True)
     status: Mapped[str | None] = mapped_column(String)
-    last_synced_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    last_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_synced_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    last_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     last_error: Mapped[str | None] = mapped_column(Text)
     last_error_kind: Mapped[str | None] = mapped_column(String)
     event_count: Mapped[int] = mapped_column(Integer, server_default="0")
     max_seq: Mapped[int] = mapped_column(Integer, server_default="0")
-    # "count:last hash" of the last stored list; equal means nothing to write.
+    # Event count and a digest of every event's content, as last stored: equal means the
+    # list is unchanged and there is nothing to write.
     fingerprint: Mapped[str | None] = mapped_column(String)
     repairs: Mapped[int] = mapped_column(Integer, server_default="0")
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    # Added with `eventsync jobs add`: the daemon follows it whatever its flags say.
+    tracked: Mapped[bool] = mapped_column(Boolean, server_default=false())
+    # Set once a job in a terminal status had its last successful fetch; the daemon then
+    # stops polling it until the listing shows it running again.
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), server_default=func.now())
 
 
 events_table: Table = FineTuneEvent.__table__  # type: ignore[assignment]

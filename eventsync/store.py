@@ -23,6 +23,8 @@ class SaveResult:
     new: int
     updated: int
     total: int
+    # True when this save was the last successful fetch of a job that ended.
+    finished_now: bool = False
 
 
 def _insert(connection: Connection, table: Any) -> Any:
@@ -63,22 +65,28 @@ def save_events(
     parsed: ParsedEvents,
     *,
     status: str | None,
+    finished: bool = False,
     now: datetime | None = None,
 ) -> SaveResult:
-    """Upsert one job's events inside the caller's transaction; write nothing unchanged."""
+    """Upsert one job's events inside the caller's transaction; write nothing unchanged.
+
+    `finished` says the job has ended and this fetch is its last: the state row records it.
+    """
     now = now or datetime.now(UTC)
     fingerprint = list_fingerprint(parsed)
     state = _lock_state(connection, job_id)
+    finished_now = finished and state.finished_at is None
     done = {
         "status": status if status is not None else state.status,
         "last_synced_at": now,
         "last_attempt_at": now,
         "last_error": None,
         "last_error_kind": None,
+        "finished_at": (state.finished_at or now) if finished else None,
     }
     if state.fingerprint == fingerprint:
         _update_state(connection, job_id, done)
-        return SaveResult(new=0, updated=0, total=state.event_count)
+        return SaveResult(new=0, updated=0, total=state.event_count, finished_now=finished_now)
 
     rows = connection.execute(
         select(events_table.c.hash, events_table.c.content_hash).where(
@@ -112,7 +120,9 @@ def save_events(
             "repairs": state.repairs + repairs,
         },
     )
-    return SaveResult(new=len(new_rows), updated=len(changed_rows), total=total)
+    return SaveResult(
+        new=len(new_rows), updated=len(changed_rows), total=total, finished_now=finished_now
+    )
 
 
 def _upsert(connection: Connection, rows: Sequence[dict[str, Any]]) -> None:
@@ -151,3 +161,28 @@ def event_count(connection: Connection, job_id: str | None = None) -> int:
     if job_id is not None:
         query = query.where(events_table.c.job_id == job_id)
     return int(connection.execute(query).scalar_one())
+
+
+def set_tracked(connection: Connection, job_ids: Sequence[str], *, tracked: bool) -> list[str]:
+    """Mark jobs as followed (or not) by the daemon. Returns the ids whose flag changed."""
+    changed = []
+    for job_id in job_ids:
+        connection.execute(_ensure_state(connection, job_id))
+        result = connection.execute(
+            update(state_table)
+            .where(state_table.c.job_id == job_id, state_table.c.tracked.is_not(tracked))
+            .values(tracked=tracked)
+        )
+        if result.rowcount:
+            changed.append(job_id)
+    return changed
+
+
+def tracked_job_ids(connection: Connection) -> list[str]:
+    query = select(state_table.c.job_id).where(state_table.c.tracked.is_(True))
+    return list(connection.execute(query.order_by(state_table.c.job_id)).scalars())
+
+
+def job_states(connection: Connection) -> list[Any]:
+    """Every job eventsync knows about, with its sync state, by job id."""
+    return list(connection.execute(select(state_table).order_by(state_table.c.job_id)))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -11,12 +12,15 @@ from dataclasses import dataclass, field
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from eventsync.client import Job, TogetherClient
-from eventsync.errors import EventsyncError, StoreError
-from eventsync.events import parse_events
-from eventsync.store import SaveResult, record_failure, save_events
+from eventsync.client import TERMINAL_STATUSES, Job, TogetherClient
+from eventsync.errors import EventsyncError, StoreError, first_line
+from eventsync.events import ParsedEvents, parse_events
+from eventsync.store import SaveResult, job_states, record_failure, save_events
 
 log = logging.getLogger(__name__)
+
+# Lifecycle events after which a job_restarted would mean the job came back.
+_END_EVENTS = frozenset({"job_complete", "job_error", "job_stopped", "cancel_requested"})
 
 
 @dataclass
@@ -30,6 +34,7 @@ class JobOutcome:
     total: int = 0
     repairs: dict[str, int] = field(default_factory=dict)
     error: EventsyncError | None = None
+    finished: bool = False
 
     @property
     def ok(self) -> bool:
@@ -40,6 +45,7 @@ class JobOutcome:
 class PassResult:
     outcomes: list[JobOutcome]
     seconds: float
+    skipped: int = 0  # jobs not started because of a shutdown
 
     @property
     def ok(self) -> bool:
@@ -50,10 +56,24 @@ class PassResult:
         return sum(o.new for o in self.outcomes)
 
 
-def select_jobs(client: TogetherClient, job_ids: Iterable[str], *, all_jobs: bool) -> list[Job]:
-    """The configured ids (with their status when the listing knows it), plus every listed
-    job when `all_jobs`. Without `all_jobs` a failed listing only costs the statuses."""
-    wanted = list(dict.fromkeys(job_ids))
+def plan_jobs(
+    client: TogetherClient,
+    engine: Engine,
+    job_ids: Iterable[str],
+    *,
+    all_jobs: bool,
+    skip_finished: bool = False,
+) -> list[Job]:
+    """The jobs of one pass, each with its status when the listing knows it.
+
+    The configured ids, the jobs added with `eventsync jobs add`, and with `all_jobs` every
+    job the API lists. The listing is read every pass; without `all_jobs` a failed listing only
+    costs the statuses. With `skip_finished` (the daemon), a job that ended and had its last
+    fetch is left out, unless the listing shows it active again.
+    """
+    with engine.connect() as connection:
+        states = {row.job_id: row for row in job_states(connection)}
+    wanted = list(dict.fromkeys([*job_ids, *(j for j, s in states.items() if s.tracked)]))
     try:
         listed = client.list_jobs()
     except EventsyncError as exc:
@@ -64,8 +84,36 @@ def select_jobs(client: TogetherClient, job_ids: Iterable[str], *, all_jobs: boo
     status = {job.id: job.status for job in listed}
     jobs = [Job(id=job_id, status=status.get(job_id)) for job_id in wanted]
     if all_jobs:
-        jobs += [job for job in listed if job.id not in set(wanted)]
-    return jobs
+        jobs += [Job(id=j, status=status[j]) for j in status if j not in set(wanted)]
+    if not skip_finished:
+        return jobs
+    planned = []
+    for job in jobs:
+        state = states.get(job.id)
+        if state is None or state.finished_at is None:
+            planned.append(job)
+        elif job.status is not None and job.status not in TERMINAL_STATUSES:
+            log.info(
+                "job %s is %s again; polling it again",
+                job.id,
+                job.status,
+                extra={"job_id": job.id, "status": job.status},
+            )
+            planned.append(job)
+    return planned
+
+
+def has_ended(job: Job, parsed: ParsedEvents) -> bool:
+    """The listing says the job ended, and its own events don't show a restart after that."""
+    if job.status not in TERMINAL_STATUSES:
+        return False
+    for row in reversed(parsed.rows):
+        kind = (row["type"] or "").lower()
+        if kind == "job_restarted":
+            return False
+        if kind in _END_EVENTS:
+            return True
+    return True
 
 
 def sync_job(client: TogetherClient, engine: Engine, job: Job) -> JobOutcome:
@@ -76,9 +124,11 @@ def sync_job(client: TogetherClient, engine: Engine, job: Job) -> JobOutcome:
         parsed = parse_events(data)
         try:
             with engine.begin() as connection:
-                saved: SaveResult = save_events(connection, job.id, parsed, status=job.status)
+                saved: SaveResult = save_events(
+                    connection, job.id, parsed, status=job.status, finished=has_ended(job, parsed)
+                )
         except SQLAlchemyError as exc:
-            raise StoreError(f"job {job.id}: database error: {_short(exc)}") from None
+            raise StoreError(f"job {job.id}: database error: {first_line(exc)}") from None
     except EventsyncError as exc:
         outcome.error = exc
         _record_failure(engine, job.id, exc)
@@ -90,6 +140,14 @@ def sync_job(client: TogetherClient, engine: Engine, job: Job) -> JobOutcome:
         return outcome
     outcome.new, outcome.updated, outcome.total = saved.new, saved.updated, saved.total
     outcome.repairs = dict(parsed.repairs)
+    outcome.finished = saved.finished_now
+    if saved.finished_now:
+        log.info(
+            "job %s is %s: its last events are stored and it is no longer polled",
+            job.id,
+            job.status,
+            extra={"job_id": job.id, "status": job.status},
+        )
     if parsed.repairs:
         log.warning(
             "job %s: repaired %d field(s) to store them: %s",
@@ -106,13 +164,7 @@ def _record_failure(engine: Engine, job_id: str, error: EventsyncError) -> None:
         with engine.begin() as connection:
             record_failure(connection, job_id, kind=error.kind, message=str(error))
     except SQLAlchemyError as exc:
-        log.warning("job %s: could not record the failure: %s", job_id, _short(exc))
-
-
-def _short(exc: BaseException) -> str:
-    """The first line of a driver error, without SQLAlchemy's SQL and parameter dump."""
-    orig = getattr(exc, "orig", None) or exc
-    return str(orig).strip().splitlines()[0] if str(orig).strip() else type(orig).__name__
+        log.warning("job %s: could not record the failure: %s", job_id, first_line(exc))
 
 
 def run_pass(
@@ -122,13 +174,29 @@ def run_pass(
     *,
     concurrency: int,
     on_done: Callable[[JobOutcome], None] | None = None,
+    stop: threading.Event | None = None,
 ) -> PassResult:
-    """Sync every job, up to `concurrency` at once; each job is its own transaction."""
+    """Sync every job, up to `concurrency` at once; each job is its own transaction.
+
+    Once `stop` is set, jobs not yet started are skipped; the ones under way finish.
+    """
     started = time.monotonic()
+
+    def work(job: Job) -> JobOutcome | None:
+        if stop is not None and stop.is_set():
+            return None
+        return sync_job(client, engine, job)
+
     outcomes: list[JobOutcome] = []
     with ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="sync") as pool:
-        for outcome in pool.map(lambda job: sync_job(client, engine, job), jobs):
+        for outcome in pool.map(work, jobs):
+            if outcome is None:
+                continue
             outcomes.append(outcome)
             if on_done is not None:
                 on_done(outcome)
-    return PassResult(outcomes=outcomes, seconds=time.monotonic() - started)
+    return PassResult(
+        outcomes=outcomes,
+        seconds=time.monotonic() - started,
+        skipped=len(jobs) - len(outcomes),
+    )

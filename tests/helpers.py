@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import socket
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from sqlalchemy import Engine, text
@@ -9,7 +12,7 @@ from sqlalchemy import Engine, text
 from eventsync.client import TogetherClient, make_http_client
 from eventsync.config import Settings
 from eventsync.fakeapi import FakeTogether
-from eventsync.sync import PassResult, run_pass, select_jobs
+from eventsync.sync import PassResult, plan_jobs, run_pass
 
 API_KEY = "test-key-5f1c2e"
 REPO = Path(__file__).resolve().parent.parent
@@ -37,7 +40,7 @@ def sync_pass(
     settings = make_settings(fake, str(engine.url), concurrency=concurrency)
     with make_http_client(settings) as http:
         client = TogetherClient(http)
-        jobs = select_jobs(client, job_ids or [], all_jobs=all_jobs)
+        jobs = plan_jobs(client, engine, job_ids or [], all_jobs=all_jobs)
         return run_pass(client, engine, jobs, concurrency=concurrency)
 
 
@@ -99,3 +102,29 @@ def fail_inserts_of(engine: Engine, message: str) -> None:
                     f"WHEN NEW.message = '{message}' BEGIN SELECT RAISE(ABORT, 'injected'); END"
                 )
             )
+
+
+def wait_until(condition: Callable[[], object], timeout: float, step: float = 0.05) -> float:
+    """Poll until condition() is truthy; return the seconds it took, or fail at the timeout."""
+    started = time.monotonic()
+    while True:
+        if condition():
+            return time.monotonic() - started
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"condition not met within {timeout}s: {condition}")
+        time.sleep(step)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def event_counts(engine: Engine) -> dict[str, int]:
+    """Stored events per job."""
+    with engine.connect() as conn:
+        rows = conn.execute(
+            text("SELECT job_id, count(*) FROM fine_tune_events GROUP BY job_id")
+        ).all()
+    return {job: n for job, n in rows}

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from eventsync import db
 from eventsync.fakeapi import FakeTogether
@@ -129,7 +129,7 @@ def test_failures_exit_1_with_one_line_each(
             [],
             2,
             "error: no jobs to sync: pass --job-id ID (repeatable), "
-            "set EVENTSYNC_JOB_IDS, or use --all-jobs",
+            "set EVENTSYNC_JOB_IDS, add some with `eventsync jobs add`, or use --all-jobs",
         ),
         ({}, ["--job-id", "../../files"], 2, "error: invalid job id '../../files'"),
         (
@@ -185,7 +185,7 @@ def test_help_names_every_setting(tmp_path: Path) -> None:
     """`sync --help` lists each flag with its environment variable."""
     result = run("sync", "--help", cwd=tmp_path, env={"COLUMNS": "200"})
     assert result.returncode == 0
-    for text in (
+    for shown in (
         "--job-id",
         "EVENTSYNC_JOB_IDS",
         "--all-jobs",
@@ -197,7 +197,7 @@ def test_help_names_every_setting(tmp_path: Path) -> None:
         "EVENTSYNC_CONCURRENCY",
         "TOGETHER_API_KEY",
     ):
-        assert text in result.stdout, text
+        assert shown in result.stdout, shown
 
 
 def test_the_api_key_never_appears_in_output(
@@ -211,3 +211,62 @@ def test_the_api_key_never_appears_in_output(
     assert result.returncode == 1
     assert "ft-a: 5 new" in result.stdout
     assert API_KEY not in result.stdout + result.stderr
+
+
+def test_progress_bar_on_a_terminal_only(
+    fake: FakeTogether, api_env: dict[str, str], tmp_path: Path
+) -> None:
+    """A progress bar is drawn when stderr is a terminal, and never when it is piped."""
+    import pty
+
+    for i in range(10):
+        fake.add_job(f"ft-{i}", events=2)
+    fake.latency = 0.05
+    master, slave = pty.openpty()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("EVENTSYNC_", "TOGETHER_"))}
+    proc = subprocess.Popen(
+        [EVENTSYNC, "sync", "--all-jobs", "--concurrency", "2"],
+        cwd=tmp_path,
+        env={**env, **api_env, "TERM": "xterm", "COLUMNS": "100"},
+        stdout=subprocess.PIPE,
+        stderr=slave,
+    )
+    os.close(slave)
+    drawn = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        drawn += chunk
+    assert proc.wait(timeout=30) == 0
+    os.close(master)
+    assert proc.stdout is not None
+    with proc.stdout:
+        assert len(proc.stdout.read().splitlines()) == 10
+    assert b"syncing" in drawn
+    assert b"/10" in drawn
+
+    piped = run("sync", "--all-jobs", cwd=tmp_path, env=api_env)
+    assert piped.returncode == 0
+    assert "syncing" not in piped.stderr
+
+
+def test_a_database_newer_than_eventsync_is_a_clear_error(
+    fake: FakeTogether, api_env: dict[str, str], db_url: str, tmp_path: Path
+) -> None:
+    """A schema revision this version doesn't know: one line telling the user what to do."""
+    engine = db.make_engine(db_url)
+    db.upgrade(engine)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = 'f00d'"))
+    engine.dispose()
+    fake.add_job("ft-a", events=1)
+    synced = run("sync", "--job-id", "ft-a", "--database-url", db_url, cwd=tmp_path, env=api_env)
+    assert synced.returncode == 1
+    assert "schema revision f00d, which this eventsync" in synced.stderr
+    assert "Traceback" not in synced.stderr
+    current = run("db", "current", "--database-url", db_url, cwd=tmp_path)
+    assert "the database is newer than this eventsync" in current.stdout

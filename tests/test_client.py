@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import json
+import re
 
 import httpx
 import pytest
 
 from eventsync.client import TogetherClient, make_http_client
 from eventsync.config import api_root
-from eventsync.errors import AuthError, ConfigError, NotFoundError, PayloadError, TransportError
+from eventsync.errors import (
+    ApiStatusError,
+    AuthError,
+    ConfigError,
+    NotFoundError,
+    PayloadError,
+    TransportError,
+)
 from eventsync.fakeapi import FakeTogether
 from tests.helpers import make_settings
 
@@ -97,3 +105,22 @@ def test_job_ids_that_could_reach_other_endpoints_are_refused(
     with pytest.raises(ConfigError, match="invalid job id"):
         TogetherClient(http_client).job_events(job_id)
     assert fake.requests == []
+
+
+def test_redirects_are_reported_as_such(fake: FakeTogether, http_client: httpx.Client) -> None:
+    """A 301 (e.g. http:// instead of https://) says where it points, not 'not JSON'."""
+    fake.override = lambda path: (301, b"", {"Location": "https://api.together.ai/v1/x"})
+    with pytest.raises(ApiStatusError, match=re.escape("redirect to https://api.together.ai/v1/x")):
+        TogetherClient(http_client).job_events("ft-1")
+
+
+def test_multi_line_api_messages_become_one_line(
+    fake: FakeTogether, http_client: httpx.Client
+) -> None:
+    """An API error message with line breaks is folded, so each failure is one stderr line."""
+    body = json.dumps({"error": {"message": "upstream\nfailed\n  badly"}}).encode()
+    fake.override = lambda path: (500, body, {})
+    with pytest.raises(ApiStatusError) as caught:
+        TogetherClient(http_client).job_events("ft-1")
+    assert "\n" not in str(caught.value)
+    assert "upstream failed badly" in str(caught.value)

@@ -79,3 +79,53 @@ def test_postgres_urls_use_psycopg_and_passwords_are_masked() -> None:
     settings = load_settings(database_url="postgresql://u:s3cret@db:5432/events")
     assert settings.database_url == "postgresql+psycopg://u:s3cret@db:5432/events"
     assert mask_url(settings.database_url) == "postgresql+psycopg://u:***@db:5432/events"
+
+
+def test_generic_api_key_and_base_url_variables_are_ignored(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Only TOGETHER_API_KEY / TOGETHER_BASE_URL count: API_KEY or BASE_URL meant for another
+    tool must never redirect the key."""
+    monkeypatch.setenv("API_KEY", "someone-elses-secret")
+    monkeypatch.setenv("BASE_URL", "http://evil.example")
+    (tmp_path / ".env").write_text("api_key=also-not-ours\nbase_url=http://evil.example\n")
+    monkeypatch.setenv("TOGETHER_API_KEY", "ours-123456")
+    settings = load_settings()
+    assert settings.require_api_key() == "ours-123456"
+    assert settings.api_root == "https://api.together.ai/v1"
+
+
+@pytest.mark.parametrize("key", ["line1\nline2", "k\u00e9y-1234", "has space"])
+def test_keys_that_cannot_be_sent_are_refused_without_echo(key: str) -> None:
+    """A key with line breaks, spaces or non-ASCII is a ConfigError that doesn't quote it."""
+    with pytest.raises(ConfigError) as caught:
+        load_settings(api_key=key).require_api_key()
+    assert key not in str(caught.value)
+    assert "TOGETHER_API_KEY" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("postgresql+asyncpg://u@h/db", "not supported"),
+        ("sqlite://", "must name a SQLite file"),
+        ("sqlite:///:memory:", "must name a SQLite file"),
+    ],
+)
+def test_database_urls_eventsync_cannot_use(url: str, message: str) -> None:
+    """Drivers that aren't installed, and in-memory SQLite, are refused up front."""
+    with pytest.raises(ConfigError, match=message):
+        load_settings(database_url=url)
+
+
+def test_psycopg2_urls_are_served_by_psycopg3() -> None:
+    """The common postgresql+psycopg2:// spelling works with the driver we install."""
+    url = load_settings(database_url="postgresql+psycopg2://u@h/db").database_url
+    assert url == "postgresql+psycopg://u@h/db"
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:notaport", "http://[::1", "ftp://x"])
+def test_bad_base_urls(url: str) -> None:
+    """Base URLs httpx can't use are a ConfigError, not a traceback later."""
+    with pytest.raises(ConfigError, match="base_url"):
+        load_settings(base_url=url)

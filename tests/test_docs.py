@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
 
 import yaml
 from sqlalchemy import Engine, text
 
 from eventsync.fakeapi import FakeTogether
 from tests.helpers import REPO, sync_pass
+from tests.test_cli import EVENTSYNC
 
 README = (REPO / "README.md").read_text()
 
@@ -51,4 +54,12 @@ def test_docker_compose_is_well_formed() -> None:
     assert "healthz" in " ".join(app["healthcheck"]["test"])
     assert app["environment"]["TOGETHER_API_KEY"].startswith("${TOGETHER_API_KEY")
     assert app["environment"]["EVENTSYNC_DATABASE_URL"].startswith("postgresql+psycopg://")
-    assert (REPO / "Dockerfile").is_file()
+    dockerfile = (REPO / "Dockerfile").read_text()
+    assert 'ENTRYPOINT ["eventsync"]' in dockerfile
+    # The command compose runs exists and takes the settings compose passes.
+    command = [EVENTSYNC, *app["command"], "--help"]
+    shown = subprocess.run(
+        command, capture_output=True, text=True, check=False, env={**os.environ, "COLUMNS": "200"}
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert "--metrics-port" in shown.stdout

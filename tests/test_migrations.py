@@ -89,4 +89,7 @@ def test_migrations_ship_in_the_wheel(tmp_path: Path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
     assert "eventsync/migrations/env.py" in names
     assert "eventsync/migrations/script.py.mako" in names
-    assert "eventsync/migrations/versions/0001_initial.py" in names
+    versions = sorted(p.name for p in (REPO / "migrations" / "versions").glob("*.py"))
+    assert versions
+    for name in versions:
+        assert f"eventsync/migrations/versions/{name}" in names

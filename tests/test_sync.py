@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+
 from sqlalchemy import Engine, select, text
 
 from eventsync.fakeapi import FakeTogether, make_event
@@ -202,3 +204,23 @@ def test_jobs_run_concurrently_on_reused_connections(fake: FakeTogether, engine:
     # 13 requests (listing + 12 jobs) over at most 4 connections, plus one for the listing.
     assert len(fake.requests) == 13
     assert len(fake.client_ports) <= 5
+
+
+def test_created_at_is_stored_as_aware_utc(fake: FakeTogether, engine: Engine) -> None:
+    """Offsets are converted to UTC on both databases, and read back timezone-aware."""
+    events = [
+        make_event("ft-1", 0, created_at="2026-11-01T12:00:00+02:00"),
+        make_event("ft-1", 1, created_at="2026-11-01T09:30:00Z"),
+        make_event("ft-1", 2, created_at="2026-11-01T10:15:00"),
+    ]
+    fake.add_job("ft-1", events=events)
+    sync_pass(fake, engine, ["ft-1"])
+    query = select(events_table.c.created_at).order_by(events_table.c.created_at)
+    with engine.connect() as conn:
+        stamps = list(conn.execute(query).scalars())
+    assert stamps == [
+        datetime(2026, 11, 1, 9, 30, tzinfo=UTC),
+        datetime(2026, 11, 1, 10, 0, tzinfo=UTC),
+        datetime(2026, 11, 1, 10, 15, tzinfo=UTC),
+    ]
+    assert all(s.utcoffset() == timedelta(0) for s in stamps)

@@ -1,0 +1,305 @@
+"""`eventsync run`: passes on an APScheduler interval, clean shutdown, health and metrics."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from collections import Counter as Tally
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import FrameType
+from typing import Any
+
+import httpx
+from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.interval import IntervalTrigger
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+from eventsync.client import TogetherClient
+from eventsync.config import Settings
+from eventsync.errors import EventsyncError, first_line
+from eventsync.store import job_states
+from eventsync.sync import PassResult, plan_jobs, run_pass
+
+log = logging.getLogger(__name__)
+
+# Failures that say nothing about the daemon's own health: the job is the problem.
+_JOB_PROBLEMS = frozenset({"not_found"})
+
+
+class Metrics:
+    """Prometheus metrics in a registry of their own (so tests can run several daemons)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.events_inserted = Counter(
+            "eventsync_events_inserted", "Events stored for the first time.", registry=r
+        )
+        self.events_updated = Counter(
+            "eventsync_events_updated", "Stored events whose content changed.", registry=r
+        )
+        self.repairs = Counter(
+            "eventsync_event_repairs", "Fields repaired to store an event.", registry=r
+        )
+        self.pass_duration = Histogram(
+            "eventsync_pass_duration_seconds",
+            "Duration of a sync pass.",
+            buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
+            registry=r,
+        )
+        self.passes = Counter("eventsync_passes", "Sync passes.", ["result"], registry=r)
+        self.http_responses = Counter(
+            "eventsync_http_responses",
+            "API responses by status class.",
+            ["status_class"],
+            registry=r,
+        )
+        self.errors = Counter("eventsync_errors", "Errors by kind.", ["kind"], registry=r)
+        self.jobs = Gauge("eventsync_jobs", "Known jobs by state.", ["state"], registry=r)
+        self.last_success = Gauge(
+            "eventsync_last_success_timestamp_seconds",
+            "Unix time of the end of the last successful pass.",
+            registry=r,
+        )
+        for kind in ("auth", "not_found", "network", "payload", "database", "http_status"):
+            self.errors.labels(kind)
+        for result in ("ok", "failed"):
+            self.passes.labels(result)
+
+    def on_response(self, response: httpx.Response) -> None:
+        self.http_responses.labels(f"{response.status_code // 100}xx").inc()
+
+    def set_job_states(self, engine: Engine) -> None:
+        with engine.connect() as connection:
+            rows = job_states(connection)
+        tally: Tally[str] = Tally()
+        for row in rows:
+            if row.finished_at is not None:
+                tally["finished"] += 1
+            elif row.last_error_kind == "not_found":
+                tally["not_found"] += 1
+            elif row.last_error_kind is not None:
+                tally["failing"] += 1
+            else:
+                tally["active"] += 1
+        for state in ("active", "finished", "failing", "not_found"):
+            self.jobs.labels(state).set(tally[state])
+
+
+class Health:
+    """Healthy while the last pass succeeded and finished within about three intervals."""
+
+    def __init__(self, interval: float) -> None:
+        self.max_age = 3 * interval + 30
+        self.lock = threading.Lock()
+        self.last_ok: float | None = None
+        self.last_pass_ok: bool | None = None
+        self.reason = "no pass has finished yet"
+
+    def record(self, ok: bool, reason: str) -> None:
+        with self.lock:
+            self.last_pass_ok = ok
+            self.reason = reason
+            if ok:
+                self.last_ok = time.time()
+
+    def check(self) -> tuple[bool, dict[str, Any]]:
+        with self.lock:
+            age = None if self.last_ok is None else time.time() - self.last_ok
+            body: dict[str, Any] = {"last_success_age_seconds": age}
+            if not self.last_pass_ok:
+                return False, {**body, "status": "unhealthy", "reason": self.reason}
+            if age is None or age > self.max_age:
+                reason = f"no successful pass for {age:.0f}s (limit {self.max_age:.0f}s)"
+                return False, {**body, "status": "unhealthy", "reason": reason}
+            return True, {**body, "status": "ok", "reason": self.reason}
+
+
+def serve_status(host: str, port: int, health: Health, metrics: Metrics) -> ThreadingHTTPServer:
+    """/healthz (JSON, 200 or 503) and /metrics (Prometheus text) in a daemon thread."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            path = self.path.split("?", 1)[0]
+            if path == "/metrics":
+                self._send(200, generate_latest(metrics.registry), CONTENT_TYPE_LATEST)
+            elif path == "/healthz":
+                ok, body = health.check()
+                self._send(200 if ok else 503, json.dumps(body).encode(), "application/json")
+            else:
+                self._send(404, b'{"error": "try /healthz or /metrics"}', "application/json")
+
+        def _send(self, status: int, body: bytes, content_type: str) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="status", daemon=True).start()
+    return server
+
+
+class Daemon:
+    """Runs a pass now and then every interval, until asked to stop."""
+
+    def __init__(
+        self, settings: Settings, *, engine: Engine, http: httpx.Client, metrics: Metrics
+    ) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.client = TogetherClient(http)
+        self.metrics = metrics
+        self.health = Health(settings.interval)
+        self.stop = threading.Event()
+        self.idle = threading.Event()
+        self.idle.set()
+
+    def run_pass(self) -> PassResult | None:
+        """One scheduled pass. Never raises: a failed pass is logged and retried next time."""
+        if self.stop.is_set():
+            return None
+        self.idle.clear()
+        started = time.monotonic()
+        try:
+            return self._pass()
+        except (EventsyncError, SQLAlchemyError) as exc:
+            kind = exc.kind if isinstance(exc, EventsyncError) else "database"
+            message = str(exc) if isinstance(exc, EventsyncError) else first_line(exc)
+            log.warning("pass failed: %s", message, extra={"kind": kind})
+            self.metrics.errors.labels(kind).inc()
+            self.metrics.passes.labels("failed").inc()
+            self.health.record(False, f"last pass failed: {message}")
+            return None
+        except Exception:
+            log.exception("pass failed with an unexpected error")
+            self.metrics.passes.labels("failed").inc()
+            self.health.record(False, "last pass failed with an unexpected error")
+            return None
+        finally:
+            self.metrics.pass_duration.observe(time.monotonic() - started)
+            self.idle.set()
+
+    def _pass(self) -> PassResult:
+        s = self.settings
+        jobs = plan_jobs(
+            self.client, self.engine, s.job_ids, all_jobs=s.all_jobs, skip_finished=True
+        )
+        result = run_pass(self.client, self.engine, jobs, concurrency=s.concurrency, stop=self.stop)
+        failed = [o for o in result.outcomes if not o.ok]
+        for outcome in result.outcomes:
+            self.metrics.events_inserted.inc(outcome.new)
+            self.metrics.events_updated.inc(outcome.updated)
+            self.metrics.repairs.inc(sum(outcome.repairs.values()))
+            if outcome.error is not None:
+                self.metrics.errors.labels(outcome.error.kind).inc()
+                log.warning(
+                    "%s",
+                    outcome.error,
+                    extra={"job_id": outcome.job_id, "kind": outcome.error.kind},
+                )
+            elif outcome.new or outcome.updated:
+                log.info(
+                    "job %s: %d new, %d updated, %d total",
+                    outcome.job_id,
+                    outcome.new,
+                    outcome.updated,
+                    outcome.total,
+                    extra={"job_id": outcome.job_id, "new": outcome.new, "total": outcome.total},
+                )
+        self.metrics.set_job_states(self.engine)
+        serious = [o for o in failed if o.error is not None and o.error.kind not in _JOB_PROBLEMS]
+        ok = not serious
+        self.metrics.passes.labels("ok" if ok else "failed").inc()
+        if ok:
+            self.metrics.last_success.set(time.time())
+        reason = (
+            f"{len(result.outcomes)} jobs, {len(failed)} failed"
+            if ok
+            else f"{len(serious)} of {len(result.outcomes)} jobs failed, e.g. {serious[0].error}"
+        )
+        self.health.record(ok, reason)
+        log.info(
+            "pass: %d jobs, %d new events, %d failed, %.2fs",
+            len(result.outcomes),
+            result.new,
+            len(failed),
+            result.seconds,
+            extra={
+                "jobs": len(result.outcomes),
+                "new": result.new,
+                "failed": len(failed),
+                "seconds": round(result.seconds, 3),
+            },
+        )
+        return result
+
+    def serve(self) -> int:
+        """Schedule passes until SIGTERM/SIGINT; finish the pass under way; return 0."""
+        s = self.settings
+        scheduler = BackgroundScheduler(timezone=UTC)
+        scheduler.add_job(
+            self.run_pass,
+            IntervalTrigger(seconds=s.interval, jitter=min(s.interval * 0.1, 10)),
+            id="sync-pass",
+            next_run_time=datetime.now(UTC),  # the first pass runs at once
+            coalesce=True,  # after a stall, one catch-up pass, not a burst
+            max_instances=1,  # never two passes at once
+            misfire_grace_time=None,  # a late pass still runs (the default 1 s drops it)
+        )
+        self._install_signal_handlers()
+        scheduler.start()
+        log.info(
+            "eventsync running: a pass every %ss",
+            f"{s.interval:g}",
+            extra={"interval": s.interval},
+        )
+        self.stop.wait()
+        scheduler.shutdown(wait=False)
+        if not self.idle.wait(timeout=s.shutdown_grace):
+            log.warning(
+                "the pass under way did not finish within %ss; exiting anyway "
+                "(its unfinished jobs roll back and are retried on the next start)",
+                f"{s.shutdown_grace:g}",
+            )
+            return 0
+        log.info("stopped")
+        return 0
+
+    def _install_signal_handlers(self) -> None:
+        def handle(signum: int, _frame: FrameType | None) -> None:
+            if self.stop.is_set():
+                log.warning("second %s: exiting at once", signal.Signals(signum).name)
+                exit_now(130)
+            self.stop.set()  # before logging: a second signal may land inside log.info
+            log.info(
+                "%s received: stopping after the jobs under way (send again to exit at once)",
+                signal.Signals(signum).name,
+            )
+
+        signal.signal(signal.SIGTERM, handle)
+        signal.signal(signal.SIGINT, handle)
+
+
+def exit_now(code: int) -> None:
+    logging.shutdown()
+    os._exit(code)

@@ -1,0 +1,250 @@
+"""`eventsync run` as a real subprocess against the fake API, on SQLite and Postgres."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import Engine
+
+from eventsync.fakeapi import FakeTogether
+from tests.helpers import API_KEY, event_counts, free_port, wait_until
+from tests.test_cli import EVENTSYNC
+
+INTERVAL = 1.0
+
+
+class Daemon:
+    """An `eventsync run` process, its port, and its captured stderr."""
+
+    def __init__(self, proc: subprocess.Popen[str], port: int, log: Path) -> None:
+        self.proc, self.port, self.log = proc, port, log
+
+    def get(self, path: str) -> httpx.Response:
+        return httpx.get(f"http://127.0.0.1:{self.port}{path}", timeout=5)
+
+    def stderr(self) -> str:
+        return self.log.read_text()
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> tuple[int, float]:
+        started = time.monotonic()
+        self.proc.send_signal(sig)
+        code = self.proc.wait(timeout=timeout)
+        return code, time.monotonic() - started
+
+
+@pytest.fixture
+def start_daemon(fake: FakeTogether, engine: Engine, tmp_path: Path) -> Iterator[object]:
+    procs: list[subprocess.Popen[str]] = []
+
+    def start(*args: str, env: dict[str, str] | None = None) -> Daemon:
+        port = free_port()
+        log = tmp_path / f"daemon-{len(procs)}.log"
+        base = {
+            k: v for k, v in os.environ.items() if not k.startswith(("EVENTSYNC_", "TOGETHER_"))
+        }
+        with log.open("w") as stderr:
+            proc = subprocess.Popen(
+                [
+                    EVENTSYNC,
+                    "run",
+                    "--interval",
+                    str(INTERVAL),
+                    "--metrics-port",
+                    str(port),
+                    "--database-url",
+                    str(engine.url.render_as_string(hide_password=False)),
+                    *args,
+                ],
+                cwd=tmp_path,
+                env={
+                    **base,
+                    "TOGETHER_API_KEY": API_KEY,
+                    "TOGETHER_BASE_URL": fake.base_url,
+                    **(env or {}),
+                },
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+                text=True,
+            )
+        procs.append(proc)
+        daemon = Daemon(proc, port, log)
+        wait_until(lambda: _serving(daemon), timeout=15)
+        return daemon
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _serving(daemon: Daemon) -> bool:
+    if daemon.proc.poll() is not None:
+        raise AssertionError(f"daemon exited early:\n{daemon.stderr()}")
+    try:
+        daemon.get("/healthz")
+    except httpx.TransportError:
+        return False
+    return True
+
+
+def metrics(daemon: Daemon) -> dict[str, float]:
+    """Every sample of /metrics, parsed with prometheus-client's own parser."""
+    text = daemon.get("/metrics").text
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return samples
+
+
+def test_new_events_land_within_one_interval(
+    fake: FakeTogether, engine: Engine, start_daemon
+) -> None:
+    """The first pass runs at once; events added later land within about one interval."""
+    fake.add_job("ft-a", events=20)
+    fake.add_job("ft-b", events=5, generation="2026-08")
+    daemon = start_daemon("--job-id", "ft-a", "--job-id", "ft-b")
+    wait_until(lambda: event_counts(engine) == {"ft-a": 20, "ft-b": 5}, timeout=10)
+    fake.add_events("ft-b", 3)
+    took = wait_until(lambda: event_counts(engine).get("ft-b") == 8, timeout=INTERVAL * 3)
+    assert took < INTERVAL * 1.1 + 1.0  # one interval plus its jitter, plus the pass itself
+    code, _ = daemon.stop()
+    assert code == 0
+
+
+def test_health_and_metrics(fake: FakeTogether, engine: Engine, start_daemon) -> None:
+    """/healthz is 200 after a good pass and 503 once the key is rejected; /metrics parses."""
+    fake.add_job("ft-a", events=12)
+    fake.add_job("ft-done", events=4, status="completed")
+    daemon = start_daemon("--all-jobs")
+    wait_until(lambda: daemon.get("/healthz").status_code == 200, timeout=10)
+    assert daemon.get("/healthz").json()["status"] == "ok"
+    wait_until(lambda: metrics(daemon).get("eventsync_events_inserted_total") == 16, timeout=10)
+    sample = metrics(daemon)
+    assert sample["eventsync_pass_duration_seconds_count"] >= 1
+    assert sample["eventsync_http_responses_total{status_class=2xx}"] >= 3
+    assert sample["eventsync_jobs{state=finished}"] == 1
+    assert sample["eventsync_jobs{state=active}"] == 1
+    assert sample["eventsync_last_success_timestamp_seconds"] > time.time() - 30
+    assert all(
+        name.startswith("eventsync_") or name.startswith(("python_", "process_")) for name in sample
+    )
+
+    fake.api_key = "rotated-key"  # the daemon's key is now rejected
+    wait_until(lambda: daemon.get("/healthz").status_code == 503, timeout=INTERVAL * 4)
+    body = daemon.get("/healthz").json()
+    assert body["status"] == "unhealthy"
+    assert "API key is missing or was rejected" in body["reason"]
+    assert metrics(daemon)["eventsync_errors_total{kind=auth}"] >= 1
+    assert daemon.proc.poll() is None  # the daemon stays up and tries again next pass
+    assert daemon.stop()[0] == 0
+    assert API_KEY not in daemon.stderr()
+
+
+def test_quiet_passes_log_one_line(fake: FakeTogether, engine: Engine, start_daemon) -> None:
+    """A job logs when it gains events; a pass with nothing new logs just its summary."""
+    fake.add_job("ft-a", events=3)
+    daemon = start_daemon("--job-id", "ft-a")
+    wait_until(lambda: daemon.stderr().count("pass: ") >= 3, timeout=10)
+    daemon.stop()
+    lines = daemon.stderr().splitlines()
+    first_pass = next(i for i, line in enumerate(lines) if "pass: " in line)
+    assert "job ft-a: 3 new" in lines[first_pass - 1]
+    quiet = [line for line in lines[first_pass + 1 :] if "pass: " in line]
+    assert len(quiet) >= 2
+    assert all("0 new events" in line for line in quiet)
+    others = [
+        line
+        for line in lines[first_pass + 1 :]
+        if "pass: " not in line and "SIGTERM" not in line and "stopped" not in line
+    ]
+    assert others == []
+
+
+def test_sigterm_during_a_pass_leaves_no_half_written_job(
+    fake: FakeTogether, engine: Engine, start_daemon
+) -> None:
+    """SIGTERM mid-pass: exit 0 within 10 s; every job is either complete or untouched."""
+    sizes = {f"ft-{i}": 300 + i for i in range(8)}
+    for job, size in sizes.items():
+        fake.add_job(job, events=size)
+    fake.latency = 0.4
+    daemon = start_daemon("--all-jobs", "--concurrency", "2")
+    wait_until(lambda: len(event_counts(engine)) >= 1, timeout=10)
+    code, took = daemon.stop()
+    assert code == 0, daemon.stderr()
+    assert took < 10
+    counts = event_counts(engine)
+    assert counts, "at least one job was stored before the signal"
+    assert all(counts[job] == sizes[job] for job in counts)
+    assert len(counts) < len(sizes), "the signal should have landed mid-pass"
+    assert "stopped" in daemon.stderr()
+
+
+def test_a_second_signal_exits_at_once(fake: FakeTogether, engine: Engine, start_daemon) -> None:
+    """With a pass stuck on a slow API, a second SIGTERM ends the process immediately."""
+    fake.add_job("ft-slow", events=5)
+    daemon = start_daemon("--job-id", "ft-slow")
+    fake.latency = 20
+    wait_until(lambda: fake.in_flight >= 1, timeout=10)
+    daemon.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.2)
+    code, took = daemon.stop()
+    assert code == 130
+    assert took < 3
+
+
+def test_jobs_added_while_running_are_picked_up(
+    fake: FakeTogether, engine: Engine, start_daemon, tmp_path: Path
+) -> None:
+    """`eventsync jobs add` on the same database reaches a running daemon at its next pass."""
+    fake.add_job("ft-later", events=6)
+    daemon = start_daemon()
+    wait_until(lambda: "pass: 0 jobs" in daemon.stderr(), timeout=10)
+    url = engine.url.render_as_string(hide_password=False)
+    added = subprocess.run(
+        [EVENTSYNC, "jobs", "add", "ft-later", "--database-url", url],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=tmp_path,
+    )
+    assert added.returncode == 0, added.stderr
+    assert added.stdout.strip() == "ft-later: added"
+    wait_until(lambda: event_counts(engine).get("ft-later") == 6, timeout=INTERVAL * 4)
+    listed = subprocess.run(
+        [EVENTSYNC, "jobs", "list", "--format", "json", "--database-url", url],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=tmp_path,
+    )
+    (record,) = json.loads(listed.stdout)
+    assert (record["job_id"], record["followed"], record["events"]) == ("ft-later", True, 6)
+    assert record["last_sync"] is not None
+    assert daemon.stop()[0] == 0
+
+
+def test_json_logs(fake: FakeTogether, engine: Engine, start_daemon) -> None:
+    """--log-format json writes one JSON object per line, with structured fields."""
+    fake.add_job("ft-a", events=2)
+    daemon = start_daemon("--job-id", "ft-a", "--log-format", "json")
+    wait_until(lambda: "pass: " in daemon.stderr(), timeout=10)
+    daemon.stop()
+    records = [json.loads(line) for line in daemon.stderr().splitlines() if line.strip()]
+    passes = [r for r in records if r["message"].startswith("pass: ")]
+    assert passes
+    assert passes[0]["level"] == "INFO"
+    assert passes[0]["new"] == 2
+    assert {"time", "logger", "message"} <= set(passes[0])
