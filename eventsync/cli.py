@@ -20,7 +20,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from eventsync import __version__, db, store
-from eventsync.client import TogetherClient, make_http_client
+from eventsync.client import RetryPolicy, TogetherClient, make_http_client
 from eventsync.config import Settings, load_settings, mask_url
 from eventsync.daemon import Daemon, Metrics, exit_now, serve_status
 from eventsync.errors import ConfigError, EventsyncError, first_line
@@ -239,7 +239,7 @@ def sync(
     http = _http_client(settings)
     with http, open_engine(settings) as engine:
         db.ensure_schema(engine)
-        client = TogetherClient(http)
+        client = TogetherClient(http, RetryPolicy.from_settings(settings))
         try:
             jobs = plan_jobs(client, engine, settings.job_ids, all_jobs=settings.all_jobs)
         except EventsyncError as exc:

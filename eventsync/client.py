@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import email.utils
 import json
 import logging
+import threading
+import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
 
 import httpx
+import stamina
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from eventsync import __version__
@@ -67,13 +72,44 @@ def make_http_client(settings: Settings, **kwargs: Any) -> httpx.Client:
     )
 
 
-class TogetherClient:
-    """`GET /fine-tunes`, `/fine-tunes/{id}` and `/fine-tunes/{id}/events`, with errors mapped."""
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How failed requests are retried: exponential backoff with jitter, as the official SDK
+    does (about 1 s doubling to 10 s, 5 tries), bounded in total time too."""
 
-    def __init__(self, http: httpx.Client) -> None:
+    attempts: int = 5
+    wait_initial: float = 1.0
+    wait_max: float = 10.0
+    wait_jitter: float = 1.0
+    retry_after_max: float = 60.0
+    timeout: float = 180.0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RetryPolicy:
+        return cls(
+            attempts=settings.retry_attempts,
+            wait_initial=settings.retry_wait_initial,
+            wait_max=settings.retry_wait_max,
+            wait_jitter=min(settings.retry_wait_initial, 1.0),
+        )
+
+
+# Worth another try: the server or a proxy may answer differently in a moment.
+RETRY_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
+
+
+class TogetherClient:
+    """`GET /fine-tunes`, `/fine-tunes/{id}` and `/fine-tunes/{id}/events`, with errors mapped
+    and transient failures retried. Thread-safe: one client serves every worker."""
+
+    def __init__(self, http: httpx.Client, retry: RetryPolicy | None = None) -> None:
         self.http = http
+        self.retry = retry or RetryPolicy()
         # The API might echo the key back in an error message; never pass it on.
         self._secret = http.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        # A 429 pauses every worker, not just the one that got it.
+        self._gate = threading.Lock()
+        self._paused_until = 0.0
 
     def list_jobs(self) -> list[Job]:
         body = self._get_json("/fine-tunes", what="job list")
@@ -106,10 +142,49 @@ class TogetherClient:
             ) from None
 
     def _get_json(self, path: str, *, what: str) -> Any:
+        """GET and decode, retrying transient failures; errors come out with the key masked."""
+        policy = self.retry
         try:
-            return self._fetch_json(path, what=what)
+            for attempt in stamina.retry_context(
+                on=self._backoff,
+                attempts=policy.attempts,
+                timeout=policy.timeout,
+                wait_initial=policy.wait_initial,
+                wait_max=policy.wait_max,
+                wait_jitter=policy.wait_jitter,
+            ):
+                with attempt:
+                    self._wait_for_gate()
+                    return self._fetch_json(path, what=what)
         except EventsyncError as error:
             raise self._masked(error) from None
+        raise AssertionError("unreachable: stamina either returns or raises")
+
+    def _backoff(self, exc: Exception) -> bool | float:
+        """stamina's backoff hook: retry or not, and how long to wait when the server says."""
+        if isinstance(exc, TransportError | PayloadError):
+            return True
+        if isinstance(exc, ApiStatusError) and exc.status_code in RETRY_STATUSES:
+            if exc.retry_after is None:
+                if exc.status_code == 429:
+                    self._pause(self.retry.wait_initial)
+                return True
+            wait = min(exc.retry_after, self.retry.retry_after_max)
+            if exc.status_code == 429:
+                self._pause(wait)
+            return wait
+        return False
+
+    def _pause(self, seconds: float) -> None:
+        with self._gate:
+            self._paused_until = max(self._paused_until, time.monotonic() + seconds)
+        log.warning("rate limited (HTTP 429): pausing all requests for %.1fs", seconds)
+
+    def _wait_for_gate(self) -> None:
+        with self._gate:
+            wait = self._paused_until - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)
 
     def _masked(self, error: EventsyncError) -> EventsyncError:
         """The error with the key replaced by ***, should any layer have quoted it."""
@@ -184,4 +259,30 @@ def _status_error(response: httpx.Response, what: str) -> ApiError:
             status_code=status,
             api_message=message,
         )
-    return ApiStatusError(f"{what}: {detail}", status_code=status, api_message=message)
+    error = ApiStatusError(f"{what}: {detail}", status_code=status, api_message=message)
+    error.retry_after = retry_after(response.headers)
+    return error
+
+
+def retry_after(headers: httpx.Headers) -> float | None:
+    """Seconds the server asks us to wait: `retry-after-ms`, or `Retry-After` as seconds or as
+    an HTTP date. None if absent or unreadable."""
+    if (ms := headers.get("retry-after-ms")) is not None:
+        try:
+            return max(0.0, float(ms) / 1000)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())

@@ -67,6 +67,9 @@ class Settings(BaseSettings):
     concurrency: int = Field(default=8, ge=1, le=256)
     timeout: float = Field(default=30.0, gt=0, description="seconds per HTTP read")
     connect_timeout: float = Field(default=10.0, gt=0)
+    retry_attempts: int = Field(default=5, ge=1, le=20, description="tries per request")
+    retry_wait_initial: float = Field(default=1.0, ge=0, description="first backoff, seconds")
+    retry_wait_max: float = Field(default=10.0, ge=0, description="longest backoff, seconds")
     # The daemon (`eventsync run`).
     interval: float = Field(default=60.0, ge=0.1, description="seconds between passes")
     metrics_port: int = Field(default=9464, ge=0, le=65535, description="0 disables")

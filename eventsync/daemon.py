@@ -28,7 +28,7 @@ from prometheus_client import (
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from eventsync.client import TogetherClient
+from eventsync.client import RetryPolicy, TogetherClient
 from eventsync.config import Settings
 from eventsync.errors import EventsyncError, first_line
 from eventsync.store import job_states
@@ -167,7 +167,7 @@ class Daemon:
     ) -> None:
         self.settings = settings
         self.engine = engine
-        self.client = TogetherClient(http)
+        self.client = TogetherClient(http, RetryPolicy.from_settings(settings))
         self.metrics = metrics
         self.health = Health(settings.interval)
         self.stop = threading.Event()

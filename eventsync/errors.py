@@ -55,6 +55,7 @@ class ApiStatusError(ApiError):
     """Any other error status (429, 5xx, ...)."""
 
     kind = "http_status"
+    retry_after: float | None = None  # seconds, from Retry-After / retry-after-ms
 
 
 class TransportError(EventsyncError):

@@ -16,8 +16,11 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import random
+import socket
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -92,6 +95,29 @@ class FakeJob:
         return self._body
 
 
+FAULT_KINDS = (
+    "reset",  # close the connection without an answer
+    "stall",  # answer only after `seconds` (longer than the client's timeout)
+    "status",  # an error status: 503 by default, or `status` (429 with Retry-After, ...)
+    "html",  # 200 with a proxy's HTML error page
+    "truncated",  # 200 with JSON cut off mid-way (Content-Length honest)
+    "short",  # 200 announcing more bytes than it sends, then closing
+    "wrong_shape",  # 200 with {"data": {...}}
+)
+
+
+@dataclass
+class Fault:
+    """One injected failure, for requests whose path contains `match`, `times` times."""
+
+    kind: str
+    match: str = ""
+    times: int = 1
+    status: int = 503
+    headers: dict[str, str] = field(default_factory=dict)
+    seconds: float = 2.0
+
+
 # A handler returns (status, body bytes, headers) or None to serve the request normally.
 Reply = tuple[int, bytes, dict[str, str]]
 Override = Callable[[str], "Reply | None"]
@@ -109,6 +135,9 @@ class FakeTogether:
         self.max_in_flight = 0
         self.client_ports: set[int] = set()  # one per TCP connection: shows keep-alive reuse
         self.override: Override | None = None
+        self.faults: list[Fault] = []
+        self.fault_rate = 0.0  # standalone chaos mode: this share of requests fails at random
+        self.injected: Counter[str] = Counter()
         self.lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -155,8 +184,38 @@ class FakeTogether:
             self.in_flight = self.max_in_flight = 0
             self.client_ports.clear()
             self.override = None
+            self.faults.clear()
+            self.fault_rate = 0.0
+            self.injected.clear()
             self.latency = 0.0
             self.api_key = self._initial_key
+
+    def inject(self, kind: str, *, match: str = "", times: int = 1, **params: Any) -> None:
+        """Fail the next `times` requests whose path contains `match` in the given way."""
+        if kind not in FAULT_KINDS:
+            raise ValueError(f"unknown fault {kind!r}; one of {', '.join(FAULT_KINDS)}")
+        with self.lock:
+            self.faults.append(Fault(kind=kind, match=match, times=times, **params))
+
+    def take_fault(self, path: str) -> Fault | None:
+        """The fault this request should suffer, if any, counted by kind."""
+        with self.lock:
+            for fault in self.faults:
+                if fault.match in path and fault.times > 0:
+                    fault.times -= 1
+                    if fault.times == 0:
+                        self.faults.remove(fault)
+                    self.injected[fault.kind] += 1
+                    return fault
+            if self.fault_rate and random.random() < self.fault_rate:
+                kind = random.choice([k for k in FAULT_KINDS if k != "stall"])
+                self.injected[kind] += 1
+                return Fault(
+                    kind=kind,
+                    status=random.choice([429, 500, 502, 503, 504]),
+                    headers={"Retry-After": "1"},
+                )
+            return None
 
     def requests_for(self, job_id: str) -> list[str]:
         with self.lock:
@@ -206,6 +265,9 @@ class FakeTogether:
                 try:
                     if fake.latency:
                         time.sleep(fake.latency)
+                    fault = fake.take_fault(self.path)
+                    if fault is not None and self._suffer(fault):
+                        return
                     auth = self.headers.get("Authorization")
                     status, body, headers = fake.respond("GET", self.path, auth)
                 finally:
@@ -219,6 +281,33 @@ class FakeTogether:
                     self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
+
+            def _suffer(self, fault: Fault) -> bool:
+                """Play out a fault. True when the request is fully handled by it."""
+                if fault.kind == "reset":
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return True
+                if fault.kind == "stall":
+                    time.sleep(fault.seconds)
+                    return False
+                if fault.kind == "short":
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", "100000")
+                    self.end_headers()
+                    self.wfile.write(b'{"data": [{"object": "fine-tune-event", "mess')
+                    self.close_connection = True
+                    return True
+                status, body, content_type = _fault_reply(fault)
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                for name, value in fault.headers.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+                return True
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass
@@ -240,6 +329,29 @@ class FakeTogether:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+
+
+def _fault_reply(fault: Fault) -> tuple[int, bytes, str]:
+    if fault.kind == "html":
+        page = b"<html><head><title>502 Bad Gateway</title></head><body>nginx</body></html>"
+        return 200, page, "text/html"
+    if fault.kind == "truncated":
+        return (
+            200,
+            b'{"data": [{"object": "fine-tune-event", "created_at": "2026-',
+            "application/json",
+        )
+    if fault.kind == "wrong_shape":
+        return 200, b'{"data": {"object": "fine-tune-event"}}', "application/json"
+    body = {
+        "error": {
+            "message": f"injected {fault.status}",
+            "type": "server_error",
+            "param": None,
+            "code": None,
+        }
+    }
+    return fault.status, json.dumps(body).encode(), "application/json"
 
 
 def _job_json(job: FakeJob) -> dict[str, Any]:
@@ -272,8 +384,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--tick", type=float, default=0.0, help="add one event to each running job every N s"
     )
+    parser.add_argument(
+        "--fault-rate",
+        type=float,
+        default=0.0,
+        help="share of requests (0-1) that fail at random: resets, 5xx, 429, HTML, cut bodies",
+    )
     args = parser.parse_args(argv)
     fake = FakeTogether(api_key=args.key)
+    fake.fault_rate = args.fault_rate
     for i in range(args.jobs):
         generation = GENERATIONS[i % 2]
         fake.add_job(f"ft-demo-{i:04d}", events=args.events, generation=generation)

@@ -9,12 +9,16 @@ from pathlib import Path
 
 from sqlalchemy import Engine, text
 
-from eventsync.client import TogetherClient, make_http_client
+from eventsync.client import RetryPolicy, TogetherClient, make_http_client
 from eventsync.config import Settings
 from eventsync.fakeapi import FakeTogether
 from eventsync.sync import PassResult, plan_jobs, run_pass
 
 API_KEY = "test-key-5f1c2e"
+# Real retries, without the real waits.
+FAST_RETRY = RetryPolicy(attempts=3, wait_initial=0.01, wait_max=0.05, wait_jitter=0.01)
+# The same for eventsync run as a subprocess.
+FAST_RETRY_ENV = {"EVENTSYNC_RETRY_WAIT_INITIAL": "0.01", "EVENTSYNC_RETRY_WAIT_MAX": "0.05"}
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -23,6 +27,9 @@ def make_settings(fake: FakeTogether, db_url: str, **extra: object) -> Settings:
         "database_url": db_url,
         "api_key": API_KEY,
         "base_url": fake.base_url,
+        "retry_attempts": FAST_RETRY.attempts,
+        "retry_wait_initial": FAST_RETRY.wait_initial,
+        "retry_wait_max": FAST_RETRY.wait_max,
         **extra,
     }
     return Settings(**values)  # type: ignore[arg-type]
@@ -39,7 +46,7 @@ def sync_pass(
     """One pass through the same pieces the CLI composes."""
     settings = make_settings(fake, str(engine.url), concurrency=concurrency)
     with make_http_client(settings) as http:
-        client = TogetherClient(http)
+        client = TogetherClient(http, RetryPolicy.from_settings(settings))
         jobs = plan_jobs(client, engine, job_ids or [], all_jobs=all_jobs)
         return run_pass(client, engine, jobs, concurrency=concurrency)
 

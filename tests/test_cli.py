@@ -14,7 +14,7 @@ from sqlalchemy import func, select, text
 from eventsync import db
 from eventsync.fakeapi import FakeTogether
 from eventsync.models import events_table
-from tests.helpers import API_KEY
+from tests.helpers import API_KEY, FAST_RETRY_ENV
 
 EVENTSYNC = shutil.which("eventsync", path=str(Path(sys.executable).parent)) or "eventsync"
 
@@ -26,7 +26,7 @@ def run(
     return subprocess.run(
         [EVENTSYNC, *args],
         cwd=cwd,
-        env={**base, **(env or {})},
+        env={**base, **FAST_RETRY_ENV, **(env or {})},
         capture_output=True,
         text=True,
         timeout=60,

@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import Engine
 
 from eventsync.fakeapi import FakeTogether
-from tests.helpers import API_KEY, event_counts, free_port, wait_until
+from tests.helpers import API_KEY, FAST_RETRY_ENV, event_counts, free_port, wait_until
 from tests.test_cli import EVENTSYNC
 
 INTERVAL = 1.0
@@ -67,6 +67,7 @@ def start_daemon(fake: FakeTogether, engine: Engine, tmp_path: Path) -> Iterator
                 cwd=tmp_path,
                 env={
                     **base,
+                    **FAST_RETRY_ENV,
                     "TOGETHER_API_KEY": API_KEY,
                     "TOGETHER_BASE_URL": fake.base_url,
                     **(env or {}),
