@@ -143,6 +143,7 @@ def setup_logging(settings: Settings | None = None, *, verbose: bool = False) ->
     )
     for noisy in ("httpx", "httpcore", "alembic.runtime.migration", "apscheduler"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("stamina").setLevel(logging.ERROR)  # eventsync logs its own retry lines
 
 
 def settings_from(**overrides: object) -> Settings:

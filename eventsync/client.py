@@ -9,7 +9,7 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 import httpx
@@ -45,6 +45,9 @@ class _Job(BaseModel):
 
 class _JobList(BaseModel):
     data: list[_Job]
+
+
+Shape = TypeVar("Shape", bound=BaseModel)
 
 
 @dataclass(frozen=True)
@@ -112,37 +115,21 @@ class TogetherClient:
         self._paused_until = 0.0
 
     def list_jobs(self) -> list[Job]:
-        body = self._get_json("/fine-tunes", what="job list")
-        try:
-            listing = _JobList.model_validate(body)
-        except ValidationError as exc:
-            raise PayloadError(
-                f"job list: bad payload: unexpected shape ({_first_problem(exc)})"
-            ) from None
+        listing = self._get("/fine-tunes", _JobList, what="job list")
         return [Job(id=j.id, status=j.status) for j in listing.data]
 
     def get_job(self, job_id: str) -> Job:
-        body = self._get_json(f"/fine-tunes/{_path_id(job_id)}", what=f"job {job_id}")
-        try:
-            job = _Job.model_validate(body)
-        except ValidationError as exc:
-            raise PayloadError(
-                f"job {job_id}: bad payload: unexpected shape ({_first_problem(exc)})"
-            ) from None
+        job = self._get(f"/fine-tunes/{_path_id(job_id)}", _Job, what=f"job {job_id}")
         return Job(id=job.id, status=job.status)
 
     def job_events(self, job_id: str) -> list[Any]:
         """The job's whole event list, as decoded JSON objects, in the server's order."""
-        body = self._get_json(f"/fine-tunes/{_path_id(job_id)}/events", what=f"job {job_id}")
-        try:
-            return _EventList.model_validate(body).data
-        except ValidationError as exc:
-            raise PayloadError(
-                f"job {job_id}: bad payload: not a {{'data': [...]}} list ({_first_problem(exc)})"
-            ) from None
+        path = f"/fine-tunes/{_path_id(job_id)}/events"
+        return self._get(path, _EventList, what=f"job {job_id}").data
 
-    def _get_json(self, path: str, *, what: str) -> Any:
-        """GET and decode, retrying transient failures; errors come out with the key masked."""
+    def _get(self, path: str, shape: type[Shape], *, what: str) -> Shape:
+        """GET, decode and check the shape, retrying transient failures (a body of the wrong
+        shape included); errors come out with the key masked."""
         policy = self.retry
         try:
             for attempt in stamina.retry_context(
@@ -155,13 +142,28 @@ class TogetherClient:
             ):
                 with attempt:
                     self._wait_for_gate()
-                    return self._fetch_json(path, what=what)
+                    body = self._fetch_json(path, what=what)
+                    try:
+                        return shape.model_validate(body)
+                    except ValidationError as exc:
+                        raise PayloadError(
+                            f"{what}: bad payload: unexpected shape ({_first_problem(exc)})"
+                        ) from None
         except EventsyncError as error:
             raise self._masked(error) from None
         raise AssertionError("unreachable: stamina either returns or raises")
 
     def _backoff(self, exc: Exception) -> bool | float:
         """stamina's backoff hook: retry or not, and how long to wait when the server says."""
+        decision = self._decide(exc)
+        if decision is not False:
+            log.warning(
+                "retrying after: %s",
+                self._masked(exc) if isinstance(exc, EventsyncError) else type(exc).__name__,
+            )
+        return decision
+
+    def _decide(self, exc: Exception) -> bool | float:
         if isinstance(exc, TransportError | PayloadError):
             return True
         if isinstance(exc, ApiStatusError) and exc.status_code in RETRY_STATUSES:

@@ -105,7 +105,15 @@ def _migration_lock(connection: Connection) -> Iterator[None]:
             connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": MIGRATION_LOCK_KEY})
             connection.commit()
     else:
-        yield  # SQLite serialises writers itself; a migration is one write transaction.
+        # An exclusive transaction around the whole migration: a second process waits on the
+        # busy timeout, then finds the schema at head and does nothing.
+        connection.exec_driver_sql("BEGIN EXCLUSIVE")
+        try:
+            yield
+        except BaseException:
+            connection.rollback()
+            raise
+        connection.commit()
 
 
 def upgrade(engine: Engine) -> tuple[str | None, str | None]:

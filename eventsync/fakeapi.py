@@ -131,6 +131,7 @@ class FakeTogether:
         self.latency = latency
         self.jobs: dict[str, FakeJob] = {}
         self.requests: list[str] = []
+        self.arrivals: list[tuple[float, str]] = []  # (monotonic time, path) as received
         self.in_flight = 0
         self.max_in_flight = 0
         self.client_ports: set[int] = set()  # one per TCP connection: shows keep-alive reuse
@@ -181,6 +182,7 @@ class FakeTogether:
         with self.lock:
             self.jobs.clear()
             self.requests.clear()
+            self.arrivals.clear()
             self.in_flight = self.max_in_flight = 0
             self.client_ports.clear()
             self.override = None
@@ -259,6 +261,7 @@ class FakeTogether:
 
             def do_GET(self) -> None:
                 with fake.lock:
+                    fake.arrivals.append((time.monotonic(), self.path))
                     fake.client_ports.add(self.client_address[1])
                     fake.in_flight += 1
                     fake.max_in_flight = max(fake.max_in_flight, fake.in_flight)
@@ -312,8 +315,13 @@ class FakeTogether:
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
-        self._server = ThreadingHTTPServer((host, port), Handler)
-        self._server.daemon_threads = True
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+
+            def handle_error(self, request: Any, client_address: Any) -> None:
+                pass  # a client that hung up mid-answer (timeouts, kill -9) is not news
+
+        self._server = Server((host, port), Handler)
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
         return self.base_url

@@ -86,6 +86,12 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 
 
 @pytest.fixture
+def pg_db_url(pg_admin: Engine) -> Iterator[str]:
+    """A fresh Postgres database, for tests of Postgres-only faults."""
+    yield from _new_pg_database(pg_admin)
+
+
+@pytest.fixture
 def engine(db_url: str) -> Iterator[Engine]:
     """An engine on the fresh database, migrated to head."""
     engine = db.make_engine(db_url)

@@ -42,9 +42,12 @@ def sync_pass(
     *,
     all_jobs: bool = False,
     concurrency: int = 4,
+    **extra: object,
 ) -> PassResult:
     """One pass through the same pieces the CLI composes."""
-    settings = make_settings(fake, str(engine.url), concurrency=concurrency)
+    settings = make_settings(
+        fake, engine.url.render_as_string(hide_password=False), concurrency=concurrency, **extra
+    )
     with make_http_client(settings) as http:
         client = TogetherClient(http, RetryPolicy.from_settings(settings))
         jobs = plan_jobs(client, engine, job_ids or [], all_jobs=all_jobs)

@@ -1,0 +1,195 @@
+"""HTTP faults and hostile events: retried or reported, never a crash, never a partial write."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+
+import httpx
+import pytest
+from sqlalchemy import Engine, select
+
+from eventsync.client import RetryPolicy, TogetherClient, make_http_client, retry_after
+from eventsync.errors import ApiStatusError
+from eventsync.fakeapi import FAULT_KINDS, FakeTogether, make_event
+from eventsync.models import events_table, state_table
+from tests.helpers import FAST_RETRY, event_counts, make_settings, sync_pass
+
+# How each fault kind surfaces when it outlasts the retries.
+SURFACES_AS = {
+    "reset": "network",
+    "stall": "network",
+    "status": "http_status",
+    "html": "payload",
+    "truncated": "payload",
+    "short": "network",
+    "wrong_shape": "payload",
+}
+
+
+def fetches(fake: FakeTogether, job_id: str) -> int:
+    """Requests for the job's events that reached the server, answered or not."""
+    return sum(1 for _, path in fake.arrivals if path.endswith(f"/{job_id}/events"))
+
+
+@pytest.mark.parametrize("kind", FAULT_KINDS)
+def test_a_passing_fault_is_retried_and_nothing_is_lost(
+    fake: FakeTogether, engine: Engine, kind: str
+) -> None:
+    """One fault of each kind on a job's events: the retry stores every event, exactly once."""
+    fake.add_job("ft-1", events=30)
+    fake.add_job("ft-2", events=10)
+    fake.inject(kind, match="ft-1/events", seconds=0.6)
+    result = sync_pass(fake, engine, ["ft-1", "ft-2"], timeout=0.3)
+    assert result.ok, [str(o.error) for o in result.outcomes]
+    assert event_counts(engine) == {"ft-1": 30, "ft-2": 10}
+    assert fake.injected == {kind: 1}
+
+
+@pytest.mark.parametrize("kind", FAULT_KINDS)
+def test_a_lasting_fault_fails_the_job_cleanly(
+    fake: FakeTogether, engine: Engine, kind: str
+) -> None:
+    """A fault that outlasts the retries fails that job alone, writes none of it, and the
+    next pass, with the fault gone, stores everything."""
+    fake.add_job("ft-1", events=5)
+    sync_pass(fake, engine, ["ft-1"])
+    fake.add_events("ft-1", 20)
+    fake.add_job("ft-2", events=7)
+    fake.inject(kind, match="ft-1/events", times=FAST_RETRY.attempts, seconds=0.6)
+    result = sync_pass(fake, engine, ["ft-1", "ft-2"], timeout=0.3)
+    failed, ok = result.outcomes
+    assert failed.error is not None
+    assert failed.error.kind == SURFACES_AS[kind]
+    assert ok.ok
+    assert event_counts(engine) == {"ft-1": 5, "ft-2": 7}
+    with engine.connect() as conn:
+        state = conn.execute(select(state_table).where(state_table.c.job_id == "ft-1")).one()
+    assert state.last_error_kind == SURFACES_AS[kind]
+    assert fetches(fake, "ft-1") == 1 + FAST_RETRY.attempts
+    assert sync_pass(fake, engine, ["ft-1"]).ok
+    assert event_counts(engine) == {"ft-1": 25, "ft-2": 7}
+
+
+def test_rejected_key_is_not_retried(fake: FakeTogether, engine: Engine) -> None:
+    """401 is final for this pass: one request per job, an auth error, no retry loop."""
+    fake.add_job("ft-1", events=3)
+    fake.api_key = "another-key"
+    result = sync_pass(fake, engine, ["ft-1"])
+    assert result.outcomes[0].error is not None
+    assert result.outcomes[0].error.kind == "auth"
+    assert fetches(fake, "ft-1") == 1
+
+
+def test_retry_after_is_honoured(fake: FakeTogether, http_client: httpx.Client) -> None:
+    """503 with Retry-After: the next try waits that long, not the (tiny) backoff."""
+    fake.add_job("ft-1", events=2)
+    fake.inject("status", match="/events", status=503, headers={"Retry-After": "0.4"})
+    client = TogetherClient(http_client, FAST_RETRY)
+    assert len(client.job_events("ft-1")) == 2
+    first, second = (t for t, path in fake.arrivals if path.endswith("/events"))
+    assert second - first >= 0.4
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        ({"Retry-After": "7"}, 7.0),
+        ({"Retry-After": "1.5"}, 1.5),
+        ({"retry-after-ms": "250", "Retry-After": "9"}, 0.25),
+        ({"Retry-After": "soon"}, None),
+        ({}, None),
+    ],
+)
+def test_retry_after_forms(headers: dict[str, str], expected: float | None) -> None:
+    """Seconds, milliseconds (preferred), or nothing usable."""
+    assert retry_after(httpx.Headers(headers)) == expected
+
+
+def test_retry_after_as_an_http_date() -> None:
+    """An HTTP date is turned into the seconds until then."""
+    when = format_datetime(datetime.now(UTC) + timedelta(seconds=30), usegmt=True)
+    seconds = retry_after(httpx.Headers({"Retry-After": when}))
+    assert seconds is not None
+    assert 27 <= seconds <= 30
+
+
+def test_waits_asked_for_are_capped_at_60s(http_client: httpx.Client) -> None:
+    """A server asking for an hour gets 60 s at most."""
+    error = ApiStatusError("slow down", status_code=503)
+    error.retry_after = 3600
+    assert TogetherClient(http_client, RetryPolicy())._backoff(error) == 60
+
+
+def test_429_pauses_every_worker(fake: FakeTogether, engine: Engine) -> None:
+    """After a 429 with Retry-After, no worker sends anything until the pause is over."""
+    for i in range(12):
+        fake.add_job(f"ft-{i}", events=2)
+    fake.latency = 0.1
+    fake.inject("status", match="ft-0/events", status=429, headers={"Retry-After": "0.6"})
+    result = sync_pass(fake, engine, all_jobs=True, concurrency=4)
+    assert result.ok
+    arrivals = sorted(fake.arrivals)
+    limited = next(t for t, path in arrivals if path.endswith("ft-0/events"))
+    after = [t - limited for t, _ in arrivals if t > limited]
+    # Requests already on their way may land just after it; then silence until the pause ends.
+    assert not [gap for gap in after if 0.25 < gap < 0.6]
+    assert any(gap >= 0.6 for gap in after)
+    assert event_counts(engine) == {f"ft-{i}": 2 for i in range(12)}
+
+
+HOSTILE = [
+    make_event("ft-h", 0, message="x" * 100_000),
+    make_event("ft-h", 1, message="nul\x00inside", checkpoint_path="\x00"),
+    make_event("ft-h", 2, step="twelve", total_steps=None, token_count=12.5),
+    make_event("ft-h", 3, created_at="not a date"),
+    make_event("ft-h", 4, type="NEW_TYPE_FROM_THE_FUTURE", level="Info", brand_new_field=[1]),
+    make_event("ft-h", 5, param_count=2**70, training_offset=-1),
+    {"object": "fine-tune-event", "hash": "only-a-hash"},
+    make_event("ft-h", 7, message=None, hash=None, type=123),
+    make_event("ft-h", 8, message="\u202eright-to-left \U0001f680 \u0301 combining"),
+]
+
+
+def test_hostile_events_are_all_stored(fake: FakeTogether, engine: Engine) -> None:
+    """Every hostile event gets its row, raw intact, repairs recorded; the other jobs go on."""
+    events = [*HOSTILE, HOSTILE[0]]  # and the same event twice in one list
+    fake.add_job("ft-h", events=events)
+    fake.add_job("ft-twin", events=[HOSTILE[0]])  # the same hash in another job
+    result = sync_pass(fake, engine, ["ft-h", "ft-twin"])
+    assert result.ok
+    hostile = result.outcomes[0]
+    assert (hostile.new, hostile.total) == (len(HOSTILE), len(HOSTILE))
+    assert hostile.repairs["duplicate_in_list"] == 1
+    assert hostile.repairs["step:int_parsing"] == 1
+    assert hostile.repairs["created_at:unparseable"] == 1
+    assert event_counts(engine) == {"ft-h": len(HOSTILE), "ft-twin": 1}
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(events_table).where(events_table.c.job_id == "ft-h").order_by("seq")
+        ).all()
+    assert len(rows[0].message) == 100_000
+    assert rows[1].message == "nul\ufffdinside"
+    assert rows[1].raw["message"] == "nul\\u0000inside"
+    assert (rows[2].step, rows[2].total_steps, rows[2].token_count) == (None, None, None)
+    assert rows[3].created_at is None
+    assert rows[4].type == "NEW_TYPE_FROM_THE_FUTURE"
+    assert rows[4].raw["brand_new_field"] == [1]
+    assert rows[5].param_count is None
+    assert rows[5].raw["param_count"] == 2**70
+    assert rows[6].hash == "only-a-hash"
+    assert rows[7].type == "123"
+    assert rows[8].message == HOSTILE[8]["message"]
+    assert all(row.raw is not None for row in rows)
+    assert [i for i, row in enumerate(rows) if row.repairs] == [1, 2, 3, 5]
+
+
+def test_settings_knobs_reach_the_client(fake: FakeTogether) -> None:
+    """retry_attempts from settings is what the client uses."""
+    settings = make_settings(fake, "sqlite:///x.db", retry_attempts=2)
+    fake.inject("status", match="/events", times=5, status=500)
+    with make_http_client(settings) as http:
+        client = TogetherClient(http, RetryPolicy.from_settings(settings))
+        with pytest.raises(ApiStatusError):
+            client.job_events("ft-1")
+    assert fetches(fake, "ft-1") == 2
