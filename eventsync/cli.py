@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -105,21 +106,17 @@ def fail(message: str, code: int = 1) -> NoReturn:
     raise typer.Exit(code)
 
 
-class RedactFilter(logging.Filter):
-    """Belt and braces: replace the API key wherever it might appear in a log record."""
+class Redacting(logging.Formatter):
+    """Belt and braces: whatever a record holds (message, extra fields, traceback), the
+    formatted line never carries the API key."""
 
-    def __init__(self, secret: str) -> None:
+    def __init__(self, inner: logging.Formatter, secret: str) -> None:
         super().__init__()
+        self.inner = inner
         self.secret = secret
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        if self.secret in message:
-            record.msg, record.args = message.replace(self.secret, "***"), None
-        if record.exc_info and not record.exc_text:
-            text = logging.Formatter().formatException(record.exc_info)
-            record.exc_text = text.replace(self.secret, "***")
-        return True
+    def format(self, record: logging.LogRecord) -> str:
+        return self.inner.format(record).replace(self.secret, "***")
 
 
 def setup_logging(settings: Settings | None = None, *, verbose: bool = False) -> None:
@@ -137,12 +134,14 @@ def setup_logging(settings: Settings | None = None, *, verbose: bool = False) ->
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
     secret = settings.api_key.get_secret_value().strip() if settings and settings.api_key else ""
     if len(secret) >= 8:  # a shorter "key" would garble ordinary words, and is no real key
-        handler.addFilter(RedactFilter(secret))
+        handler.setFormatter(Redacting(handler.formatter or logging.Formatter(), secret))
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO, handlers=[handler], force=True
     )
     for noisy in ("httpx", "httpcore", "alembic.runtime.migration", "apscheduler"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # "maximum number of running instances reached": the daemon catches up by itself.
+    logging.getLogger("apscheduler.scheduler").setLevel(logging.ERROR)
     logging.getLogger("stamina").setLevel(logging.ERROR)  # eventsync logs its own retry lines
 
 
@@ -159,7 +158,7 @@ def open_engine(settings: Settings) -> Iterator[Engine]:
     where = mask_url(settings.database_url)
     try:
         engine = db.make_engine(settings.database_url, pool_size=settings.concurrency)
-    except (SQLAlchemyError, ImportError) as exc:
+    except (SQLAlchemyError, ImportError, OSError) as exc:
         fail(f"database {where}: {first_line(exc)}")
     try:
         yield engine
@@ -361,6 +360,7 @@ def run(
         log_format=log_format,
     )
     setup_logging(settings, verbose=verbose)
+    _stop_at_once_until_serving()
     metrics = Metrics()
     http = _http_client(settings, event_hooks={"response": [metrics.on_response]})
     with http, open_engine(settings) as engine:
@@ -391,6 +391,18 @@ def run(
     if not daemon.idle.is_set():
         exit_now(code)  # a pass is still stuck in I/O: don't wait for its threads
     raise typer.Exit(code)
+
+
+def _stop_at_once_until_serving() -> None:
+    """Before the daemon serves there is nothing to finish: a signal ends it at once (a
+    migration under way rolls back). Daemon.serve installs the graceful handlers."""
+
+    def stop(signum: int, _frame: object) -> None:
+        log.info("%s before the first pass: exiting", signal.Signals(signum).name)
+        exit_now(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
 
 
 @jobs_app.command("add")

@@ -115,7 +115,16 @@ class TogetherClient:
         self._paused_until = 0.0
 
     def list_jobs(self) -> list[Job]:
-        listing = self._get("/fine-tunes", _JobList, what="job list")
+        try:
+            listing = self._get("/fine-tunes", _JobList, what="job list")
+        except NotFoundError as exc:
+            # No listing at all means the base URL is wrong, not that a job is unknown.
+            raise ApiStatusError(
+                f"job list: HTTP 404 at {self.http.base_url}fine-tunes: "
+                "check TOGETHER_BASE_URL (https://api.together.ai)",
+                status_code=404,
+                api_message=exc.api_message,
+            ) from None
         return [Job(id=j.id, status=j.status) for j in listing.data]
 
     def get_job(self, job_id: str) -> Job:
@@ -215,7 +224,9 @@ class TogetherClient:
         if response.status_code >= 400:
             raise _status_error(response, what)
         try:
-            return json.loads(response.content)
+            # NaN/Infinity are not JSON: keep their spelling as text instead of a float that
+            # JSON columns can't hold.
+            return json.loads(response.content, parse_constant=str)
         except ValueError as exc:
             ctype = response.headers.get("content-type", "?")
             raise PayloadError(f"{what}: bad payload: body is not JSON ({ctype}; {exc})") from None

@@ -83,13 +83,16 @@ class Metrics:
     def on_response(self, response: httpx.Response) -> None:
         self.http_responses.labels(f"{response.status_code // 100}xx").inc()
 
-    def set_job_states(self, engine: Engine) -> None:
+    def set_job_states(self, engine: Engine, polled: set[str]) -> None:
+        """Jobs by state: the ones this pass polled, and the finished ones it left alone."""
         with engine.connect() as connection:
             rows = job_states(connection)
         tally: Tally[str] = Tally()
         for row in rows:
             if row.finished_at is not None:
                 tally["finished"] += 1
+            elif row.job_id not in polled:
+                continue  # removed, or no longer configured
             elif row.last_error_kind == "not_found":
                 tally["not_found"] += 1
             elif row.last_error_kind is not None:
@@ -104,16 +107,23 @@ class Health:
     """Healthy while the last pass succeeded and finished within about three intervals."""
 
     def __init__(self, interval: float) -> None:
-        self.max_age = 3 * interval + 30
+        self.interval = interval
         self.lock = threading.Lock()
         self.last_ok: float | None = None
         self.last_pass_ok: bool | None = None
+        self.last_seconds = 0.0
         self.reason = "no pass has finished yet"
 
-    def record(self, ok: bool, reason: str) -> None:
+    @property
+    def max_age(self) -> float:
+        """Three intervals, plus the time a pass takes, plus a little slack."""
+        return 3 * self.interval + self.last_seconds + 5
+
+    def record(self, ok: bool, reason: str, seconds: float = 0.0) -> None:
         with self.lock:
             self.last_pass_ok = ok
             self.reason = reason
+            self.last_seconds = seconds
             if ok:
                 self.last_ok = time.time()
 
@@ -174,8 +184,18 @@ class Daemon:
         self.idle = threading.Event()
         self.idle.set()
 
+    def run_scheduled(self) -> None:
+        """What the scheduler runs. A pass that outlasts the interval makes the scheduler skip
+        the run that fell due meanwhile (max_instances=1), so that run happens here, at once."""
+        while not self.stop.is_set():
+            started = time.monotonic()
+            self.run_pass()
+            if time.monotonic() - started < self.settings.interval:
+                return
+            log.debug("the pass outlasted the interval; catching up at once")
+
     def run_pass(self) -> PassResult | None:
-        """One scheduled pass. Never raises: a failed pass is logged and retried next time."""
+        """One pass. Never raises: a failed pass is logged and retried next time."""
         if self.stop.is_set():
             return None
         self.idle.clear()
@@ -226,8 +246,10 @@ class Daemon:
                     outcome.total,
                     extra={"job_id": outcome.job_id, "new": outcome.new, "total": outcome.total},
                 )
-        self.metrics.set_job_states(self.engine)
+        self.metrics.set_job_states(self.engine, polled={job.id for job in jobs})
         serious = [o for o in failed if o.error is not None and o.error.kind not in _JOB_PROBLEMS]
+        if failed and len(failed) == len(result.outcomes):
+            serious = failed  # not one job synced: that is the daemon's problem too
         ok = not serious
         self.metrics.passes.labels("ok" if ok else "failed").inc()
         if ok:
@@ -237,7 +259,7 @@ class Daemon:
             if ok
             else f"{len(serious)} of {len(result.outcomes)} jobs failed, e.g. {serious[0].error}"
         )
-        self.health.record(ok, reason)
+        self.health.record(ok, reason, result.seconds)
         log.info(
             "pass: %d jobs, %d new events, %d failed, %.2fs",
             len(result.outcomes),
@@ -258,7 +280,7 @@ class Daemon:
         s = self.settings
         scheduler = BackgroundScheduler(timezone=UTC)
         scheduler.add_job(
-            self.run_pass,
+            self.run_scheduled,
             IntervalTrigger(seconds=s.interval, jitter=min(s.interval * 0.1, 10)),
             id="sync-pass",
             next_run_time=datetime.now(UTC),  # the first pass runs at once

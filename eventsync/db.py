@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import resources
@@ -98,7 +99,7 @@ def current_revision(engine: Engine) -> str | None:
 @contextmanager
 def _migration_lock(connection: Connection) -> Iterator[None]:
     if connection.dialect.name == "postgresql":
-        connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
+        _wait_for_advisory_lock(connection)
         try:
             yield
         finally:
@@ -114,6 +115,19 @@ def _migration_lock(connection: Connection) -> Iterator[None]:
             connection.rollback()
             raise
         connection.commit()
+
+
+def _wait_for_advisory_lock(connection: Connection) -> None:
+    """Poll for the lock (not a blocking call), so that a signal can still stop the process."""
+    waited = False
+    while not connection.execute(
+        text("SELECT pg_try_advisory_lock(:key)"), {"key": MIGRATION_LOCK_KEY}
+    ).scalar_one():
+        if not waited:
+            log.info("waiting for another eventsync to finish migrating the database")
+            waited = True
+        connection.rollback()
+        time.sleep(0.25)
 
 
 def upgrade(engine: Engine) -> tuple[str | None, str | None]:

@@ -50,7 +50,11 @@ EVENT_FIELDS = (*TEXT_FIELDS, *INT_FIELDS, *FLOAT_FIELDS, "created_at")
 class _EventColumns(TypedDict, total=False):
     """FineTuneEvent, both generations, every field optional; lax coercion ("12" -> 12)."""
 
-    __pydantic_config__ = ConfigDict(coerce_numbers_to_str=True)  # type: ignore[misc]
+    # NaN and Infinity are not JSON; they arrive as strings (see client.py) and are refused
+    # here, so the column is NULL and the repair recorded while raw keeps the spelling.
+    __pydantic_config__ = ConfigDict(  # type: ignore[misc]
+        coerce_numbers_to_str=True, allow_inf_nan=False
+    )
 
     object: str | None
     level: str | None
@@ -72,6 +76,8 @@ class _EventColumns(TypedDict, total=False):
 
 
 _EVENTS = TypeAdapter(list[_EventColumns])
+# Indexed text columns, capped well below Postgres' btree limit (~2.7 kB per entry).
+_INDEXED_LIMITS = {"hash": 512, "type": 512}
 _EVENT = TypeAdapter(_EventColumns)
 
 
@@ -100,9 +106,9 @@ def parse_created_at(value: Any) -> datetime | None:
         return None
     try:
         parsed = datetime.fromisoformat(value.strip())
-    except ValueError:
+        return parsed.astimezone(UTC) if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    except (ValueError, OverflowError):  # OverflowError: year 1 or 9999 shifted out of range
         return None
-    return parsed.astimezone(UTC) if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 def _clean_text(value: str) -> str:
@@ -156,7 +162,7 @@ def parse_events(data: list[Any]) -> ParsedEvents:
     except ValidationError:
         validated = None  # slow path below, one event at a time
 
-    seen: set[str] = set()
+    seen: dict[str, str] = {}  # hash -> content digest of the event stored under it
     for index, raw in enumerate(objects):
         repairs: list[str] = []
         columns = validated[index] if validated is not None else _columns_of(raw, repairs)
@@ -178,11 +184,22 @@ def parse_events(data: list[Any]) -> ParsedEvents:
 
         if not columns.get("hash"):
             columns["hash"] = digest
-        if columns["hash"] in seen:
+        previous = seen.get(columns["hash"])
+        if previous == digest:
             result.duplicates += 1
             result.repairs["duplicate_in_list"] += 1
             continue
-        seen.add(columns["hash"])
+        if previous is not None:
+            # Same hash, other content: kept under a hash of its own, never dropped.
+            columns["hash"] = f"{columns['hash']}~{digest[:16]}"
+            repairs.append("hash:reused_with_other_content")
+        seen[columns["hash"]] = digest
+        for name, limit in _INDEXED_LIMITS.items():
+            value = columns.get(name)
+            if value is not None and len(value) > limit:
+                # Postgres can't index a value this long; raw keeps the original.
+                columns[name] = f"{value[: limit - 72]}~sha256:{_sha256(value)}"
+                repairs.append(f"{name}:too_long")
 
         stored_raw = raw
         if b"\\u0000" in canonical or _needs_escape(canonical):
@@ -195,6 +212,10 @@ def parse_events(data: list[Any]) -> ParsedEvents:
         row["repairs"] = repairs or None
         result.rows.append(row)
     return result
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def _needs_escape(canonical: bytes) -> bool:

@@ -258,6 +258,9 @@ class FakeTogether:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            # Headers and body go out in two writes; with Nagle on, each answer would wait
+            # for the client's delayed ACK (~40 ms).
+            disable_nagle_algorithm = True
 
             def do_GET(self) -> None:
                 with fake.lock:

@@ -167,7 +167,8 @@ def set_tracked(connection: Connection, job_ids: Sequence[str], *, tracked: bool
     """Mark jobs as followed (or not) by the daemon. Returns the ids whose flag changed."""
     changed = []
     for job_id in job_ids:
-        connection.execute(_ensure_state(connection, job_id))
+        if tracked:
+            connection.execute(_ensure_state(connection, job_id))
         result = connection.execute(
             update(state_table)
             .where(state_table.c.job_id == job_id, state_table.c.tracked.is_not(tracked))

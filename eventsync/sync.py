@@ -13,7 +13,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from eventsync.client import TERMINAL_STATUSES, Job, TogetherClient
-from eventsync.errors import EventsyncError, StoreError, first_line
+from eventsync.errors import ApiStatusError, EventsyncError, StoreError, first_line
 from eventsync.events import ParsedEvents, parse_events
 from eventsync.store import SaveResult, job_states, record_failure, save_events
 
@@ -77,7 +77,7 @@ def plan_jobs(
     try:
         listed = client.list_jobs()
     except EventsyncError as exc:
-        if all_jobs or not wanted:
+        if all_jobs or not wanted or (isinstance(exc, ApiStatusError) and exc.status_code == 404):
             raise
         log.warning("could not list jobs, statuses unknown this pass: %s", exc)
         listed = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -270,3 +271,20 @@ def test_a_database_newer_than_eventsync_is_a_clear_error(
     assert "Traceback" not in synced.stderr
     current = run("db", "current", "--database-url", db_url, cwd=tmp_path)
     assert "the database is newer than this eventsync" in current.stdout
+
+
+def test_an_unusable_sqlite_path_is_one_line(tmp_path: Path) -> None:
+    """A database file under a path that can't be a folder: one line, no traceback."""
+    bad = "sqlite:////proc/version/x/eventsync.db"
+    result = run("db", "upgrade", "--database-url", bad, cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: database sqlite:////proc/version/x/eventsync.db: ")
+    assert "Traceback" not in result.stderr
+
+
+def test_jobs_remove_of_an_unknown_id_creates_nothing(db_url: str, tmp_path: Path) -> None:
+    """Removing a job that was never followed says so and leaves no row behind."""
+    removed = run("jobs", "remove", "ft-never", "--database-url", db_url, cwd=tmp_path)
+    assert removed.stdout.strip() == "ft-never: was not followed"
+    listed = run("jobs", "list", "--format", "json", "--database-url", db_url, cwd=tmp_path)
+    assert json.loads(listed.stdout) == []

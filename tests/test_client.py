@@ -124,3 +124,20 @@ def test_multi_line_api_messages_become_one_line(
         TogetherClient(http_client, FAST_RETRY).job_events("ft-1")
     assert "\n" not in str(caught.value)
     assert "upstream failed badly" in str(caught.value)
+
+
+def test_nan_in_a_payload_is_kept_as_text(fake: FakeTogether, http_client: httpx.Client) -> None:
+    """NaN and Infinity (not JSON, but Python servers send them) decode to their spelling."""
+    body = b'{"data": [{"object": "fine-tune-event", "early_stopping_best_metric_value": NaN}]}'
+    fake.override = lambda path: (200, body, {})
+    events = TogetherClient(http_client, FAST_RETRY).job_events("ft-1")
+    assert events[0]["early_stopping_best_metric_value"] == "NaN"
+
+
+def test_a_listing_404_means_a_wrong_base_url(fake: FakeTogether) -> None:
+    """No /fine-tunes at all is reported as a base-URL problem, not as an unknown job."""
+    settings = make_settings(fake, "sqlite:///x.db", base_url=fake.base_url + "/wrongprefix")
+    with make_http_client(settings) as http, pytest.raises(ApiStatusError) as caught:
+        TogetherClient(http, FAST_RETRY).list_jobs()
+    assert "check TOGETHER_BASE_URL" in str(caught.value)
+    assert "unknown job" not in str(caught.value)

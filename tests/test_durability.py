@@ -107,8 +107,12 @@ def test_two_daemons_on_one_database(
         assert "ERROR" not in log, log
 
 
-def test_kill_9_at_any_moment(fake: FakeTogether, engine: Engine, tmp_path: Path) -> None:
-    """SIGKILL mid-sync, again and again: each job is always either whole or as it was."""
+@pytest.mark.parametrize("command", ["sync", "run"])
+def test_kill_9_at_any_moment(
+    fake: FakeTogether, engine: Engine, tmp_path: Path, command: str
+) -> None:
+    """SIGKILL mid-pass, again and again (one-shot sync, then the daemon): each job is always
+    either whole or as it was."""
     rng = random.Random(9)
     for i in range(16):
         fake.add_job(
@@ -121,15 +125,17 @@ def test_kill_9_at_any_moment(fake: FakeTogether, engine: Engine, tmp_path: Path
         for job_id in rng.sample(sorted(fake.jobs), 5):
             fake.add_events(job_id, rng.randint(1, 60))
             history[job_id].add(len(fake.jobs[job_id].events))
+        daemon_args = ["--interval", "0.3", "--metrics-port", "0"] if command == "run" else []
         proc = subprocess.Popen(
             [
                 EVENTSYNC,
-                "sync",
+                command,
                 "--all-jobs",
                 "--concurrency",
                 "4",
                 "--database-url",
                 url_of(engine),
+                *daemon_args,
             ],
             cwd=tmp_path,
             env=_api_env(fake),
@@ -151,7 +157,7 @@ def test_kill_9_at_any_moment(fake: FakeTogether, engine: Engine, tmp_path: Path
         assert dupes == 0
         for job_id, count in event_counts(engine).items():
             assert count in history[job_id], (job_id, count, history[job_id])
-    assert killed >= 5, "the kills should mostly land mid-sync"
+    assert killed >= 5, "the kills should mostly land mid-pass"
     fake.latency = 0
     assert sync_pass(fake, engine, all_jobs=True).ok
     assert_exact(engine, fake)
@@ -219,3 +225,37 @@ def test_postgres_backends_terminated_mid_pass(
     assert result.ok
     assert_exact(engine, fake)
     engine.dispose()
+
+
+def test_sigterm_while_waiting_to_migrate_exits_at_once(
+    fake: FakeTogether, pg_db_url: str, tmp_path: Path
+) -> None:
+    """A daemon queued behind another's migration lock says so, and a SIGTERM ends it (0)."""
+    holder = create_engine(pg_db_url)
+    with holder.connect() as conn:
+        conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": db.MIGRATION_LOCK_KEY})
+        log = tmp_path / "daemon.log"
+        with log.open("w") as stderr:
+            proc = subprocess.Popen(
+                [
+                    EVENTSYNC,
+                    "run",
+                    "--job-id",
+                    "ft-1",
+                    "--metrics-port",
+                    "0",
+                    "--database-url",
+                    pg_db_url,
+                ],
+                cwd=tmp_path,
+                env=_api_env(fake),
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+            )
+        wait_until(lambda: "waiting for another eventsync" in log.read_text(), timeout=15)
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+        assert time.monotonic() - started < 3
+        conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": db.MIGRATION_LOCK_KEY})
+    holder.dispose()

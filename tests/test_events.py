@@ -164,3 +164,42 @@ def test_any_json_objects_parse_without_error(events: list[dict[str, Any]]) -> N
     for row in parsed.rows:
         assert isinstance(row["hash"], str)
         assert row["hash"]
+
+
+def test_timestamps_at_the_edge_of_time_become_null() -> None:
+    """Year 1 with an offset overflows when moved to UTC: NULL and a repair, not a crash."""
+    parsed = parse_events([make_event("ft-t", 0, created_at="0001-01-01T00:00:00+01:00")])
+    assert parsed.rows[0]["created_at"] is None
+    assert parsed.repairs["created_at:unparseable"] == 1
+
+
+def test_indexed_columns_are_capped_and_raw_keeps_the_original() -> None:
+    """A hash or type longer than an index can hold is shortened (stably), raw untouched."""
+    event = make_event("ft-l", 0, hash="h" * 5000, type="T" * 5000)
+    first = parse_events([event]).rows[0]
+    again = parse_events([event]).rows[0]
+    assert len(first["hash"]) <= 512
+    assert len(first["type"]) <= 512
+    assert first["hash"] == again["hash"]
+    assert first["raw"]["type"] == "T" * 5000
+    assert sorted(first["repairs"]) == ["hash:too_long", "type:too_long"]
+
+
+def test_a_reused_hash_with_other_content_is_kept() -> None:
+    """Two different events under one hash: both stored, the second under a derived hash."""
+    events = [make_event("ft-r", 0, hash="same"), make_event("ft-r", 1, hash="same")]
+    parsed = parse_events(events)
+    assert [r["raw"]["message"] for r in parsed.rows] == [e["message"] for e in events]
+    assert parsed.rows[0]["hash"] == "same"
+    assert parsed.rows[1]["hash"].startswith("same~")
+    assert parsed.rows[1]["repairs"] == ["hash:reused_with_other_content"]
+    assert parse_events(events).rows[1]["hash"] == parsed.rows[1]["hash"]
+
+
+def test_non_finite_numbers_are_a_repair() -> None:
+    """NaN arrives as the text 'NaN' (see the client); the float column gets NULL."""
+    event = make_event("ft-n", 0, generation="2026-08", early_stopping_best_metric_value="NaN")
+    row = parse_events([event]).rows[0]
+    assert row["early_stopping_best_metric_value"] is None
+    assert row["raw"]["early_stopping_best_metric_value"] == "NaN"
+    assert row["repairs"] == ["early_stopping_best_metric_value:finite_number"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -11,7 +12,7 @@ from sqlalchemy import Engine, text
 from eventsync.client import make_http_client
 from eventsync.daemon import Daemon, Metrics
 from eventsync.fakeapi import FakeTogether, make_event
-from tests.helpers import FAST_RETRY, event_counts, make_settings
+from tests.helpers import FAST_RETRY, event_counts, make_settings, wait_until
 
 
 @pytest.fixture
@@ -113,3 +114,50 @@ def test_one_shot_sync_still_fetches_finished_jobs(
     before = event_fetches(fake, "ft-done")
     assert sync_pass(fake, engine, ["ft-done"]).ok
     assert event_fetches(fake, "ft-done") == before + 1
+
+
+def test_a_wrong_base_url_is_unhealthy(fake: FakeTogether, engine: Engine) -> None:
+    """Every request 404s under a wrong prefix: the pass fails and /healthz would say so."""
+    settings = make_settings(
+        fake, str(engine.url), all_jobs=True, interval=1, base_url=fake.base_url + "/wrongprefix"
+    )
+    fake.add_job("ft-1", events=2)
+    with make_http_client(settings) as http:
+        daemon = Daemon(settings, engine=engine, http=http, metrics=Metrics())
+        daemon.run_pass()
+    ok, body = daemon.health.check()
+    assert not ok
+    assert "check TOGETHER_BASE_URL" in body["reason"]
+
+
+def test_every_job_not_found_is_unhealthy(fake: FakeTogether, engine: Engine) -> None:
+    """One unknown job is the job's problem; all of them unknown is the daemon's."""
+    settings = make_settings(fake, str(engine.url), job_ids=["ft-a", "ft-b"], interval=1)
+    with make_http_client(settings) as http:
+        daemon = Daemon(settings, engine=engine, http=http, metrics=Metrics())
+        daemon.run_pass()
+        assert not daemon.health.check()[0]
+        fake.add_job("ft-a", events=1)
+        daemon.run_pass()
+    assert daemon.health.check()[0]
+
+
+def test_a_pass_longer_than_the_interval_is_followed_at_once(
+    fake: FakeTogether, engine: Engine
+) -> None:
+    """The run skipped while a slow pass ran happens right after it, not an interval later."""
+    fake.add_job("ft-1", events=2)
+    settings = make_settings(fake, str(engine.url), all_jobs=True, interval=0.2)
+    fake.latency = 0.15  # listing + events: a pass of ~0.3 s, longer than the interval
+    with make_http_client(settings) as http:
+        daemon = Daemon(settings, engine=engine, http=http, metrics=Metrics())
+
+        def slow_then_fast() -> None:
+            wait_until(lambda: len(fake.arrivals) >= 2, timeout=5)
+            fake.latency = 0
+
+        helper = threading.Thread(target=slow_then_fast)
+        helper.start()
+        daemon.run_scheduled()
+        helper.join()
+    assert daemon.metrics.passes.labels("ok")._value.get() == 2

@@ -111,3 +111,27 @@ def test_the_key_never_leaks(fake: FakeTogether, engine: Engine, tmp_path: Path)
     assert "eventsync_events_inserted_total" in everything
     assert LEAK not in everything
     assert LEAK[3:15] not in everything  # nor a recognisable part of it
+
+
+def test_json_logs_redact_tracebacks_and_extra_fields(capsys, monkeypatch, tmp_path: Path) -> None:
+    """Even a traceback or an extra field holding the key comes out as *** in JSON mode."""
+    import logging
+
+    from eventsync.cli import setup_logging
+    from eventsync.config import load_settings
+
+    monkeypatch.chdir(tmp_path)
+    settings = load_settings(api_key=LEAK, log_format="json")
+    setup_logging(settings)
+    log = logging.getLogger("eventsync.test")
+    try:
+        raise RuntimeError(f"boom with {LEAK}")
+    except RuntimeError:
+        log.exception("failed", extra={"detail": LEAK})
+    logging.getLogger().handlers.clear()
+    line = capsys.readouterr().err.strip()
+    record = json.loads(line)
+    assert record["message"] == "failed"
+    assert "boom with ***" in record["exc_info"]
+    assert record["detail"] == "***"
+    assert LEAK not in line

@@ -1,0 +1,1 @@
+"""eventsync's benchmark suite: `python -m benchmarks` (see README, "Performance")."""

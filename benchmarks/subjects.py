@@ -1,0 +1,137 @@
+"""What is measured: eventsync itself (the same pieces `eventsync sync` composes), and peers."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import tempfile
+from typing import Any
+
+from sqlalchemy import Engine, text
+
+from eventsync import db
+from eventsync.client import RetryPolicy, TogetherClient, make_http_client
+from eventsync.config import Settings
+from eventsync.sync import PassResult, plan_jobs, run_pass
+
+
+def eventsync_pass(url: str, base_url: str, key: str, concurrency: int = 8) -> PassResult:
+    """One `eventsync sync --all-jobs` pass, in process, on an already migrated database."""
+    settings = Settings(
+        database_url=url,
+        api_key=key,
+        base_url=base_url,  # type: ignore[arg-type]
+        all_jobs=True,
+        concurrency=concurrency,
+    )
+    engine = db.make_engine(settings.database_url, pool_size=concurrency)
+    try:
+        with make_http_client(settings) as http:
+            client = TogetherClient(http, RetryPolicy.from_settings(settings))
+            jobs = plan_jobs(client, engine, [], all_jobs=True)
+            result = run_pass(client, engine, jobs, concurrency=concurrency)
+    finally:
+        engine.dispose()
+    if not result.ok:
+        raise RuntimeError(f"eventsync pass failed: {result.outcomes[0].error}")
+    return result
+
+
+def migrate(url: str) -> Engine:
+    engine = db.make_engine(url)
+    db.upgrade(engine)
+    return engine
+
+
+def count_writes(engine: Engine) -> None:
+    """Triggers that count rows written to fine_tune_events (as in the tests)."""
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE IF NOT EXISTS write_log (op TEXT)"))
+        if engine.dialect.name == "postgresql":
+            conn.execute(
+                text(
+                    "CREATE OR REPLACE FUNCTION log_write() RETURNS trigger AS $$ BEGIN "
+                    "INSERT INTO write_log VALUES (TG_OP); RETURN NULL; END $$ LANGUAGE plpgsql"
+                )
+            )
+            conn.execute(
+                text(
+                    "CREATE TRIGGER count_writes AFTER INSERT OR UPDATE OR DELETE "
+                    "ON fine_tune_events FOR EACH ROW EXECUTE FUNCTION log_write()"
+                )
+            )
+        else:
+            for op in ("INSERT", "UPDATE", "DELETE"):
+                conn.execute(
+                    text(
+                        f"CREATE TRIGGER count_{op.lower()} AFTER {op} ON fine_tune_events "
+                        f"BEGIN INSERT INTO write_log VALUES ('{op}'); END"
+                    )
+                )
+
+
+def writes(engine: Engine) -> int:
+    with engine.begin() as conn:
+        n = int(conn.execute(text("SELECT count(*) FROM write_log")).scalar_one())
+        conn.execute(text("DELETE FROM write_log"))
+    return n
+
+
+def sdk_loop(path: str, base_url: str, key: str, job_ids: list[str]) -> int:
+    """The official `together` SDK in a loop, insert-or-ignore into SQLite."""
+    import together
+
+    client = together.Together(api_key=key, base_url=base_url, max_retries=0)
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute(
+        "CREATE TABLE IF NOT EXISTS sdk_events (job_id, hash, created_at, type, message,"
+        " step, raw, PRIMARY KEY (job_id, hash))"
+    )
+    total = 0
+    for job_id in job_ids:
+        events = client.fine_tuning.list_events(job_id).data
+        db.executemany(
+            "INSERT OR IGNORE INTO sdk_events VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [
+                (job_id, e.hash, e.created_at, e.type, e.message, e.step, e.model_dump_json())
+                for e in events
+            ],
+        )
+        db.commit()
+        total += len(events)
+    db.close()
+    client.close()
+    return total
+
+
+def dlt_pipeline(url: str, base_url: str, key: str, job_ids: list[str], workdir: str) -> int:
+    """A dlt pipeline merging on (job_id, hash), into SQLite (sqlalchemy) or Postgres."""
+    os.environ.setdefault("RUNTIME__LOG_LEVEL", "ERROR")
+    import dlt
+    import httpx
+
+    @dlt.resource(name="events", write_disposition="merge", primary_key=("job_id", "hash"))
+    def events() -> Any:
+        with httpx.Client(
+            base_url=base_url + "/v1", timeout=60, headers={"Authorization": f"Bearer {key}"}
+        ) as http:
+            for job_id in job_ids:
+                data = http.get(f"/fine-tunes/{job_id}/events").json()["data"]
+                yield [{**e, "job_id": job_id} for e in data]
+
+    if url.startswith("sqlite"):
+        destination = dlt.destinations.sqlalchemy(credentials=url)
+    else:
+        destination = dlt.destinations.postgres(
+            credentials=url.replace("postgresql+psycopg://", "postgresql://")
+        )
+    pipeline = dlt.pipeline(
+        pipeline_name="bench",
+        destination=destination,
+        dataset_name="bench",
+        pipelines_dir=tempfile.mkdtemp(dir=workdir),
+    )
+    info = pipeline.run(events())
+    info.raise_on_failed_jobs()
+    return len(job_ids)
