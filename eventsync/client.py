@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import email.utils
+import hashlib
 import json
 import logging
 import threading
@@ -54,6 +55,16 @@ Shape = TypeVar("Shape", bound=BaseModel)
 class Job:
     id: str
     status: str | None
+    # Digest of the events body last stored for this job, if any (see job_events).
+    fingerprint: str | None = None
+
+
+@dataclass(frozen=True)
+class Events:
+    """A job's events (None: the body is the one already stored) and the body's digest."""
+
+    events: list[Any] | None
+    digest: str
 
 
 def make_http_client(settings: Settings, **kwargs: Any) -> httpx.Client:
@@ -116,7 +127,7 @@ class TogetherClient:
 
     def list_jobs(self) -> list[Job]:
         try:
-            listing = self._get("/fine-tunes", _JobList, what="job list")
+            listing = self._parsed("/fine-tunes", _JobList, what="job list")
         except NotFoundError as exc:
             # No listing at all means the base URL is wrong, not that a job is unknown.
             raise ApiStatusError(
@@ -128,17 +139,27 @@ class TogetherClient:
         return [Job(id=j.id, status=j.status) for j in listing.data]
 
     def get_job(self, job_id: str) -> Job:
-        job = self._get(f"/fine-tunes/{_path_id(job_id)}", _Job, what=f"job {job_id}")
+        job = self._parsed(f"/fine-tunes/{_path_id(job_id)}", _Job, what=f"job {job_id}")
         return Job(id=job.id, status=job.status)
 
-    def job_events(self, job_id: str) -> list[Any]:
-        """The job's whole event list, as decoded JSON objects, in the server's order."""
-        path = f"/fine-tunes/{_path_id(job_id)}/events"
-        return self._get(path, _EventList, what=f"job {job_id}").data
+    def job_events(self, job_id: str, *, unchanged_if: str | None = None) -> Events:
+        """The job's whole event list, as decoded JSON objects, in the server's order.
 
-    def _get(self, path: str, shape: type[Shape], *, what: str) -> Shape:
+        With `unchanged_if` (the digest of the body last stored), a body with that digest is
+        not decoded at all: `events` is None.
+        """
+        path = f"/fine-tunes/{_path_id(job_id)}/events"
+        digest, listing = self._get(
+            path, _EventList, what=f"job {job_id}", unchanged_if=unchanged_if
+        )
+        return Events(events=listing.data if listing is not None else None, digest=digest)
+
+    def _get(
+        self, path: str, shape: type[Shape], *, what: str, unchanged_if: str | None = None
+    ) -> tuple[str, Shape | None]:
         """GET, decode and check the shape, retrying transient failures (a body of the wrong
-        shape included); errors come out with the key masked."""
+        shape included); errors come out with the key masked. Returns the body's digest and
+        the parsed body (None if the digest is `unchanged_if`)."""
         policy = self.retry
         try:
             for attempt in stamina.retry_context(
@@ -151,9 +172,13 @@ class TogetherClient:
             ):
                 with attempt:
                     self._wait_for_gate()
-                    body = self._fetch_json(path, what=what)
+                    content = self._fetch(path, what=what).content
+                    digest = "sha256:" + hashlib.sha256(content).hexdigest()
+                    if digest == unchanged_if:
+                        return digest, None
+                    body = _decode(content, what)
                     try:
-                        return shape.model_validate(body)
+                        return digest, shape.model_validate(body)
                     except ValidationError as exc:
                         raise PayloadError(
                             f"{what}: bad payload: unexpected shape ({_first_problem(exc)})"
@@ -161,6 +186,11 @@ class TogetherClient:
         except EventsyncError as error:
             raise self._masked(error) from None
         raise AssertionError("unreachable: stamina either returns or raises")
+
+    def _parsed(self, path: str, shape: type[Shape], *, what: str) -> Shape:
+        parsed = self._get(path, shape, what=what)[1]
+        assert parsed is not None
+        return parsed
 
     def _backoff(self, exc: Exception) -> bool | float:
         """stamina's backoff hook: retry or not, and how long to wait when the server says."""
@@ -205,7 +235,7 @@ class TogetherClient:
                 error.api_message = error.api_message.replace(self._secret, "***")
         return error
 
-    def _fetch_json(self, path: str, *, what: str) -> Any:
+    def _fetch(self, path: str, *, what: str) -> httpx.Response:
         try:
             response = self.http.get(path)
         except httpx.TimeoutException as exc:
@@ -223,13 +253,16 @@ class TogetherClient:
             )
         if response.status_code >= 400:
             raise _status_error(response, what)
-        try:
-            # NaN/Infinity are not JSON: keep their spelling as text instead of a float that
-            # JSON columns can't hold.
-            return json.loads(response.content, parse_constant=str)
-        except ValueError as exc:
-            ctype = response.headers.get("content-type", "?")
-            raise PayloadError(f"{what}: bad payload: body is not JSON ({ctype}; {exc})") from None
+        return response
+
+
+def _decode(content: bytes, what: str) -> Any:
+    try:
+        # NaN/Infinity are not JSON: keep their spelling as text instead of a float that
+        # JSON columns can't hold.
+        return json.loads(content, parse_constant=str)
+    except ValueError as exc:
+        raise PayloadError(f"{what}: bad payload: body is not JSON ({exc})") from None
 
 
 def _path_id(job_id: str) -> str:

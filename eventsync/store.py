@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+import json
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, Insert, func, select, update
+import orjson
+from sqlalchemy import Connection, Engine, Insert, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from eventsync.events import EVENT_FIELDS, ParsedEvents
@@ -16,6 +20,23 @@ from eventsync.models import events_table, state_table
 
 # Columns an upsert may change on an event already stored; seq and first_seen_at stay.
 _CONTENT_COLUMNS = (*EVENT_FIELDS, "raw", "content_hash", "repairs")
+
+
+_SQLITE_WRITERS: dict[str, threading.Lock] = {}
+
+
+@contextmanager
+def write_transaction(engine: Engine) -> Iterator[Connection]:
+    """One write transaction. SQLite allows one writer per file: the threads of this process
+    queue on a lock rather than in SQLite's busy handler, which sleeps in steps of up to
+    100 ms. Other processes still wait on the busy timeout."""
+    if engine.dialect.name != "sqlite":
+        with engine.begin() as connection:
+            yield connection
+        return
+    lock = _SQLITE_WRITERS.setdefault(str(engine.url), threading.Lock())
+    with lock, engine.begin() as connection:
+        yield connection
 
 
 @dataclass(frozen=True)
@@ -65,15 +86,18 @@ def save_events(
     parsed: ParsedEvents,
     *,
     status: str | None,
+    fingerprint: str | None = None,
     finished: bool = False,
     now: datetime | None = None,
 ) -> SaveResult:
     """Upsert one job's events inside the caller's transaction; write nothing unchanged.
 
-    `finished` says the job has ended and this fetch is its last: the state row records it.
+    `fingerprint` identifies the response the events came from (a digest of its body): when
+    it equals the stored one there is nothing to compare. `finished` says the job has ended
+    and this fetch is its last: the state row records it.
     """
     now = now or datetime.now(UTC)
-    fingerprint = list_fingerprint(parsed)
+    fingerprint = fingerprint or list_fingerprint(parsed)
     state = _lock_state(connection, job_id)
     finished_now = finished and state.finished_at is None
     done = {
@@ -125,18 +149,84 @@ def save_events(
     )
 
 
+# Every column an upsert sends, in a fixed order.
+_UPSERT_COLUMNS = ("job_id", "seq", *_CONTENT_COLUMNS, "updated_at")
+_COMPILED: dict[str, tuple[str, tuple[str, ...] | None]] = {}
+
+
+def _upsert_sql(connection: Connection) -> tuple[str, tuple[str, ...] | None]:
+    """The dialect's INSERT ... ON CONFLICT (job_id, hash) DO UPDATE ... WHERE the content
+    differs, built by SQLAlchemy once per dialect; with the parameter order if positional."""
+    name = connection.dialect.name
+    if name not in _COMPILED:
+        stmt: Any = _insert(connection, events_table)
+        excluded = stmt.excluded
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["job_id", "hash"],
+            set_={column: excluded[column] for column in (*_CONTENT_COLUMNS, "updated_at")},
+            where=events_table.c.content_hash != excluded.content_hash,
+        )
+        compiled = stmt.compile(dialect=connection.dialect, column_keys=list(_UPSERT_COLUMNS))
+        order = (
+            tuple(compiled.positiontup) if compiled.positional and compiled.positiontup else None
+        )
+        _COMPILED[name] = (str(compiled), order)
+    return _COMPILED[name]
+
+
 def _upsert(connection: Connection, rows: Sequence[dict[str, Any]]) -> None:
-    """INSERT ... ON CONFLICT (job_id, hash) DO UPDATE, only where the content differs."""
+    """Send the rows to the driver's executemany in one go. The values are prepared here
+    rather than by SQLAlchemy's per-row bind processing, which cost more than the insert."""
     if not rows:
         return
-    stmt: Any = _insert(connection, events_table)
-    excluded = stmt.excluded
-    stmt = stmt.on_conflict_do_update(
-        index_elements=["job_id", "hash"],
-        set_={name: excluded[name] for name in (*_CONTENT_COLUMNS, "updated_at")},
-        where=events_table.c.content_hash != excluded.content_hash,
-    )
-    connection.execute(stmt, list(rows))
+    sql, order = _upsert_sql(connection)
+    sqlite_dialect = connection.dialect.name == "sqlite"
+    prepared = []
+    for row in rows:
+        values = dict(row)
+        values["raw"] = _json_text(row["raw"])
+        values["repairs"] = _json_text(row["repairs"]) if row["repairs"] else None
+        values.setdefault("updated_at", None)
+        if sqlite_dialect:
+            values["created_at"] = _sqlite_time(row["created_at"])
+            values["updated_at"] = _sqlite_time(values["updated_at"])
+        prepared.append(tuple(values[n] for n in order) if order else values)
+    connection.exec_driver_sql(sql, prepared)
+
+
+def _json_text(value: Any) -> str:
+    try:
+        return orjson.dumps(value).decode()
+    except (TypeError, orjson.JSONEncodeError):  # integers beyond 64 bits
+        return json.dumps(value, ensure_ascii=False)
+
+
+def _sqlite_time(value: datetime | None) -> str | None:
+    """SQLAlchemy's SQLite DATETIME text (UTC), so the model reads it back unchanged."""
+    if value is None:
+        return None
+    return value.astimezone(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
+
+
+def mark_unchanged(
+    connection: Connection, job_id: str, *, status: str | None, now: datetime | None = None
+) -> int:
+    """A fetch whose body is byte-for-byte the one last stored: only the state row changes.
+    Returns the job's event count."""
+    now = now or datetime.now(UTC)
+    values: dict[str, Any] = {
+        "last_synced_at": now,
+        "last_attempt_at": now,
+        "last_error": None,
+        "last_error_kind": None,
+    }
+    if status is not None:
+        values["status"] = status
+    _update_state(connection, job_id, values)
+    count = connection.execute(
+        select(state_table.c.event_count).where(state_table.c.job_id == job_id)
+    ).scalar_one()
+    return int(count)
 
 
 def _update_state(connection: Connection, job_id: str, values: dict[str, Any]) -> None:

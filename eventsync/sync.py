@@ -15,7 +15,14 @@ from sqlalchemy.exc import SQLAlchemyError
 from eventsync.client import TERMINAL_STATUSES, Job, TogetherClient
 from eventsync.errors import ApiStatusError, EventsyncError, StoreError, first_line
 from eventsync.events import ParsedEvents, parse_events
-from eventsync.store import SaveResult, job_states, record_failure, save_events
+from eventsync.store import (
+    SaveResult,
+    job_states,
+    mark_unchanged,
+    record_failure,
+    save_events,
+    write_transaction,
+)
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +89,14 @@ def plan_jobs(
         log.warning("could not list jobs, statuses unknown this pass: %s", exc)
         listed = []
     status = {job.id: job.status for job in listed}
-    jobs = [Job(id=job_id, status=status.get(job_id)) for job_id in wanted]
+
+    def make_job(job_id: str) -> Job:
+        state = states.get(job_id)
+        return Job(job_id, status.get(job_id), state.fingerprint if state is not None else None)
+
+    jobs = [make_job(job_id) for job_id in wanted]
     if all_jobs:
-        jobs += [Job(id=j, status=status[j]) for j in status if j not in set(wanted)]
+        jobs += [make_job(j) for j in status if j not in set(wanted)]
     if not skip_finished:
         return jobs
     planned = []
@@ -119,14 +131,27 @@ def has_ended(job: Job, parsed: ParsedEvents) -> bool:
 def sync_job(client: TogetherClient, engine: Engine, job: Job) -> JobOutcome:
     """Fetch, parse and store one job. Errors are returned, not raised."""
     outcome = JobOutcome(job_id=job.id, status=job.status)
+    # A body identical to the last one stored needs no decoding, parsing or comparing; but a
+    # job that may have ended gets the full look, for its restart events.
+    may_skip = job.fingerprint if job.status not in TERMINAL_STATUSES else None
+    parsed = None
     try:
-        data = client.job_events(job.id)
-        parsed = parse_events(data)
+        fetched = client.job_events(job.id, unchanged_if=may_skip)
+        if fetched.events is not None:
+            parsed = parse_events(fetched.events)
         try:
-            with engine.begin() as connection:
-                saved: SaveResult = save_events(
-                    connection, job.id, parsed, status=job.status, finished=has_ended(job, parsed)
-                )
+            with write_transaction(engine) as connection:
+                if parsed is None:
+                    saved = SaveResult(0, 0, mark_unchanged(connection, job.id, status=job.status))
+                else:
+                    saved = save_events(
+                        connection,
+                        job.id,
+                        parsed,
+                        status=job.status,
+                        fingerprint=fetched.digest,
+                        finished=has_ended(job, parsed),
+                    )
         except SQLAlchemyError as exc:
             raise StoreError(f"job {job.id}: database error: {first_line(exc)}") from None
     except EventsyncError as exc:
@@ -139,7 +164,6 @@ def sync_job(client: TogetherClient, engine: Engine, job: Job) -> JobOutcome:
         _record_failure(engine, job.id, outcome.error)
         return outcome
     outcome.new, outcome.updated, outcome.total = saved.new, saved.updated, saved.total
-    outcome.repairs = dict(parsed.repairs)
     outcome.finished = saved.finished_now
     if saved.finished_now:
         log.info(
@@ -148,7 +172,8 @@ def sync_job(client: TogetherClient, engine: Engine, job: Job) -> JobOutcome:
             job.status,
             extra={"job_id": job.id, "status": job.status},
         )
-    if parsed.repairs:
+    if parsed is not None and parsed.repairs:
+        outcome.repairs = dict(parsed.repairs)
         log.warning(
             "job %s: repaired %d field(s) to store them: %s",
             job.id,
@@ -161,7 +186,7 @@ def sync_job(client: TogetherClient, engine: Engine, job: Job) -> JobOutcome:
 
 def _record_failure(engine: Engine, job_id: str, error: EventsyncError) -> None:
     try:
-        with engine.begin() as connection:
+        with write_transaction(engine) as connection:
             record_failure(connection, job_id, kind=error.kind, message=str(error))
     except SQLAlchemyError as exc:
         log.warning("job %s: could not record the failure: %s", job_id, first_line(exc))

@@ -32,7 +32,10 @@ def test_lists_jobs_and_fetches_events(fake: FakeTogether, http_client: httpx.Cl
         ("ft-2", "completed"),
     ]
     assert client.get_job("ft-2").status == "completed"
-    assert client.job_events("ft-1") == fake.jobs["ft-1"].events
+    fetched = client.job_events("ft-1")
+    assert fetched.events == fake.jobs["ft-1"].events
+    # The same body again is recognised by its digest and not decoded.
+    assert client.job_events("ft-1", unchanged_if=fetched.digest).events is None
 
 
 @pytest.mark.parametrize("suffix", ["", "/", "/v1", "/v1/"])
@@ -41,7 +44,7 @@ def test_base_url_with_or_without_v1(fake: FakeTogether, suffix: str) -> None:
     fake.add_job("ft-1", events=2)
     settings = make_settings(fake, "sqlite:///x.db", base_url=fake.base_url + suffix)
     with make_http_client(settings) as http:
-        assert len(TogetherClient(http, FAST_RETRY).job_events("ft-1")) == 2
+        assert len(TogetherClient(http, FAST_RETRY).job_events("ft-1").events or []) == 2
     assert api_root("https://api.together.ai") == "https://api.together.ai/v1"
 
 
@@ -130,7 +133,8 @@ def test_nan_in_a_payload_is_kept_as_text(fake: FakeTogether, http_client: httpx
     """NaN and Infinity (not JSON, but Python servers send them) decode to their spelling."""
     body = b'{"data": [{"object": "fine-tune-event", "early_stopping_best_metric_value": NaN}]}'
     fake.override = lambda path: (200, body, {})
-    events = TogetherClient(http_client, FAST_RETRY).job_events("ft-1")
+    events = TogetherClient(http_client, FAST_RETRY).job_events("ft-1").events
+    assert events is not None
     assert events[0]["early_stopping_best_metric_value"] == "NaN"
 
 
