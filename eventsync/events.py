@@ -45,6 +45,7 @@ INT_FIELDS = (
 )
 FLOAT_FIELDS = ("early_stopping_best_metric_value",)
 EVENT_FIELDS = (*TEXT_FIELDS, *INT_FIELDS, *FLOAT_FIELDS, "created_at")
+_EMPTY_ROW = dict.fromkeys(EVENT_FIELDS)
 
 
 class _EventColumns(TypedDict, total=False):
@@ -168,13 +169,16 @@ def parse_events(data: list[Any]) -> ParsedEvents:
         columns = validated[index] if validated is not None else _columns_of(raw, repairs)
         canonical = canonical_json(raw)
         digest = hashlib.sha256(canonical).hexdigest()
+        # Text that Postgres can't hold shows in the canonical form: an escaped NUL, or (only
+        # on the stdlib fallback path) bytes that aren't UTF-8. Most events have neither.
+        dirty = b"\\u0000" in canonical or _needs_escape(canonical)
 
         created_at = parse_created_at(columns.get("created_at"))
         if created_at is None and raw.get("created_at") is not None:
             repairs.append("created_at:unparseable")
         columns["created_at"] = created_at
 
-        for name in TEXT_FIELDS:
+        for name in TEXT_FIELDS if dirty else ():
             value = columns.get(name)
             if value is not None:
                 cleaned = _clean_text(value)
@@ -202,11 +206,13 @@ def parse_events(data: list[Any]) -> ParsedEvents:
                 repairs.append(f"{name}:too_long")
 
         stored_raw = raw
-        if b"\\u0000" in canonical or _needs_escape(canonical):
+        if dirty:
             stored_raw = _escape_raw(raw)
-            repairs.append("raw:escaped")
-        result.repairs.update(repairs)
-        row = {name: columns.get(name) for name in EVENT_FIELDS}
+            if stored_raw != raw:
+                repairs.append("raw:escaped")
+        if repairs:
+            result.repairs.update(repairs)
+        row = {**_EMPTY_ROW, **columns}
         row["raw"] = stored_raw
         row["content_hash"] = digest
         row["repairs"] = repairs or None
@@ -219,6 +225,9 @@ def _sha256(text: str) -> str:
 
 
 def _needs_escape(canonical: bytes) -> bool:
+    """True for the surrogates that only the stdlib fallback of canonical_json lets through."""
+    if canonical.isascii():
+        return False
     try:
         canonical.decode("utf-8")
     except UnicodeDecodeError:

@@ -180,17 +180,17 @@ def _upsert(connection: Connection, rows: Sequence[dict[str, Any]]) -> None:
     if not rows:
         return
     sql, order = _upsert_sql(connection)
-    sqlite_dialect = connection.dialect.name == "sqlite"
-    prepared = []
-    for row in rows:
-        values = dict(row)
-        values["raw"] = _json_text(row["raw"])
-        values["repairs"] = _json_text(row["repairs"]) if row["repairs"] else None
-        values.setdefault("updated_at", None)
-        if sqlite_dialect:
-            values["created_at"] = _sqlite_time(row["created_at"])
-            values["updated_at"] = _sqlite_time(values["updated_at"])
-        prepared.append(tuple(values[n] for n in order) if order else values)
+    convert: dict[str, Any] = {"raw": _json_text, "repairs": _json_text_or_none}
+    if connection.dialect.name == "sqlite":
+        convert["created_at"] = convert["updated_at"] = _sqlite_time
+    if order is None:  # named parameters (psycopg)
+        prepared: list[Any] = [
+            {n: convert[n](row.get(n)) if n in convert else row.get(n) for n in _UPSERT_COLUMNS}
+            for row in rows
+        ]
+    else:
+        steps = [(n, convert.get(n)) for n in order]
+        prepared = [tuple(f(row.get(n)) if f else row.get(n) for n, f in steps) for row in rows]
     connection.exec_driver_sql(sql, prepared)
 
 
@@ -201,11 +201,18 @@ def _json_text(value: Any) -> str:
         return json.dumps(value, ensure_ascii=False)
 
 
+def _json_text_or_none(value: Any) -> str | None:
+    return _json_text(value) if value else None
+
+
 def _sqlite_time(value: datetime | None) -> str | None:
-    """SQLAlchemy's SQLite DATETIME text (UTC), so the model reads it back unchanged."""
+    """SQLAlchemy's SQLite DATETIME text, so the model reads it back unchanged. Values are
+    UTC already (events.parse_created_at, datetime.now(UTC))."""
     if value is None:
         return None
-    return value.astimezone(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
+    if value.utcoffset():
+        value = value.astimezone(UTC)
+    return value.isoformat(" ", "microseconds")[:26]
 
 
 def mark_unchanged(
