@@ -8,6 +8,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -49,6 +50,7 @@ class _JobList(BaseModel):
 
 
 Shape = TypeVar("Shape", bound=BaseModel)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -61,10 +63,12 @@ class Job:
 
 @dataclass(frozen=True)
 class Events:
-    """A job's events (None: the body is the one already stored) and the body's digest."""
+    """A job's events: all of them, only the ones after those already stored (`appended`),
+    or None when the body is the one already stored; and the body's fingerprint."""
 
     events: list[Any] | None
-    digest: str
+    fingerprint: str
+    appended: bool = False
 
 
 def make_http_client(settings: Settings, **kwargs: Any) -> httpx.Client:
@@ -142,24 +146,26 @@ class TogetherClient:
         job = self._parsed(f"/fine-tunes/{_path_id(job_id)}", _Job, what=f"job {job_id}")
         return Job(id=job.id, status=job.status)
 
-    def job_events(self, job_id: str, *, unchanged_if: str | None = None) -> Events:
+    def job_events(self, job_id: str, *, known: str | None = None) -> Events:
         """The job's whole event list, as decoded JSON objects, in the server's order.
 
-        With `unchanged_if` (the digest of the body last stored), a body with that digest is
-        not decoded at all: `events` is None.
+        `known` is the fingerprint of the body last stored (Events.fingerprint). A body equal
+        to it is not decoded at all (`events` is None); a body that only appends to it has
+        just its new tail decoded (`appended` is True).
         """
-        path = f"/fine-tunes/{_path_id(job_id)}/events"
-        digest, listing = self._get(
-            path, _EventList, what=f"job {job_id}", unchanged_if=unchanged_if
+        what = f"job {job_id}"
+        return self._get(
+            f"/fine-tunes/{_path_id(job_id)}/events",
+            lambda content: read_events(content, known, what),
+            what=what,
         )
-        return Events(events=listing.data if listing is not None else None, digest=digest)
 
-    def _get(
-        self, path: str, shape: type[Shape], *, what: str, unchanged_if: str | None = None
-    ) -> tuple[str, Shape | None]:
-        """GET, decode and check the shape, retrying transient failures (a body of the wrong
-        shape included); errors come out with the key masked. Returns the body's digest and
-        the parsed body (None if the digest is `unchanged_if`)."""
+    def _parsed(self, path: str, shape: type[Shape], *, what: str) -> Shape:
+        return self._get(path, lambda content: _validated(shape, content, what), what=what)
+
+    def _get(self, path: str, read: Callable[[bytes], T], *, what: str) -> T:
+        """GET and read the body, retrying transient failures (a body that can't be read
+        included); errors come out with the key masked."""
         policy = self.retry
         try:
             for attempt in stamina.retry_context(
@@ -172,25 +178,10 @@ class TogetherClient:
             ):
                 with attempt:
                     self._wait_for_gate()
-                    content = self._fetch(path, what=what).content
-                    digest = "sha256:" + hashlib.sha256(content).hexdigest()
-                    if digest == unchanged_if:
-                        return digest, None
-                    body = _decode(content, what)
-                    try:
-                        return digest, shape.model_validate(body)
-                    except ValidationError as exc:
-                        raise PayloadError(
-                            f"{what}: bad payload: unexpected shape ({_first_problem(exc)})"
-                        ) from None
+                    return read(self._fetch(path, what=what).content)
         except EventsyncError as error:
             raise self._masked(error) from None
         raise AssertionError("unreachable: stamina either returns or raises")
-
-    def _parsed(self, path: str, shape: type[Shape], *, what: str) -> Shape:
-        parsed = self._get(path, shape, what=what)[1]
-        assert parsed is not None
-        return parsed
 
     def _backoff(self, exc: Exception) -> bool | float:
         """stamina's backoff hook: retry or not, and how long to wait when the server says."""
@@ -263,6 +254,65 @@ def _decode(content: bytes, what: str) -> Any:
         return json.loads(content, parse_constant=str)
     except ValueError as exc:
         raise PayloadError(f"{what}: bad payload: body is not JSON ({exc})") from None
+
+
+def _validated(shape: type[Shape], content: bytes, what: str) -> Shape:
+    try:
+        return shape.model_validate(_decode(content, what))
+    except ValidationError as exc:
+        raise PayloadError(
+            f"{what}: bad payload: unexpected shape ({_first_problem(exc)})"
+        ) from None
+
+
+def read_events(content: bytes, known: str | None, what: str) -> Events:
+    """The events of a body, decoding no more of it than the last stored body doesn't cover.
+
+    A fingerprint is "v1 FULL END PREFIX": the sha256 of the whole body, the offset of the
+    list's closing bracket, and the sha256 of the bytes before it. A new body whose first END
+    bytes hash to PREFIX holds the same events plus whatever follows; only that is decoded.
+    """
+    end = max(content.rfind(b"]"), 0)
+    known_full = known_prefix = None
+    known_end = 0
+    if known and known.startswith("v1 "):
+        _, known_full, known_end_text, known_prefix = known.split(" ")
+        known_end = int(known_end_text)
+    hasher = hashlib.sha256()
+    covered = 0  # bytes known to be those of the stored body
+    if 0 < known_end <= end:
+        hasher.update(content[:known_end])
+        if hasher.hexdigest() == known_prefix:
+            covered = known_end
+        else:
+            hasher = hashlib.sha256()
+    hasher.update(content[covered:end])
+    prefix = hasher.hexdigest()
+    hasher.update(content[end:])
+    full = hasher.hexdigest()
+    fingerprint = f"v1 {full} {end} {prefix}"
+    if full == known_full:
+        return Events(events=None, fingerprint=fingerprint)
+    if covered:
+        appended = _tail(content[covered:])
+        if appended is not None:
+            return Events(events=appended, fingerprint=fingerprint, appended=True)
+    return Events(events=_validated(_EventList, content, what).data, fingerprint=fingerprint)
+
+
+def _tail(rest: bytes) -> list[Any] | None:
+    """The events in `, {...}, {...}]}`: what follows the last stored event. None if that
+    isn't what it looks like (the caller then reads the whole body)."""
+    rest = rest.strip()
+    if not (rest.startswith(b",") and rest.endswith(b"]}")):
+        return None
+    try:
+        items = json.loads(b"[" + rest[1:-1], parse_constant=str)
+    except ValueError:
+        return None
+    if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
+        return None
+    return items
 
 
 def _path_id(job_id: str) -> str:

@@ -214,6 +214,8 @@ def parse_events(data: list[Any]) -> ParsedEvents:
             result.repairs.update(repairs)
         row = {**_EMPTY_ROW, **columns}
         row["raw"] = stored_raw
+        # The canonical text is the raw event as JSON already: stored as is, not encoded again.
+        row["raw_text"] = None if stored_raw is not raw else canonical.decode()
         row["content_hash"] = digest
         row["repairs"] = repairs or None
         result.rows.append(row)

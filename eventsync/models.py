@@ -115,6 +115,7 @@ class SyncState(Base):
 
     job_id: Mapped[str] = mapped_column(String, primary_key=True)
     status: Mapped[str | None] = mapped_column(String)
+    model: Mapped[str | None] = mapped_column(String)  # base model, from the job listing
     last_synced_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     last_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     last_error: Mapped[str | None] = mapped_column(Text)

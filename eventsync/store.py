@@ -87,14 +87,16 @@ def save_events(
     *,
     status: str | None,
     fingerprint: str | None = None,
+    appended: bool = False,
     finished: bool = False,
     now: datetime | None = None,
 ) -> SaveResult:
     """Upsert one job's events inside the caller's transaction; write nothing unchanged.
 
     `fingerprint` identifies the response the events came from (a digest of its body): when
-    it equals the stored one there is nothing to compare. `finished` says the job has ended
-    and this fetch is its last: the state row records it.
+    it equals the stored one there is nothing to compare. `appended` says `parsed` holds only
+    the events after those already stored, so only their hashes are looked up. `finished`
+    says the job has ended and this fetch is its last: the state row records it.
     """
     now = now or datetime.now(UTC)
     fingerprint = fingerprint or list_fingerprint(parsed)
@@ -112,12 +114,12 @@ def save_events(
         _update_state(connection, job_id, done)
         return SaveResult(new=0, updated=0, total=state.event_count, finished_now=finished_now)
 
-    rows = connection.execute(
-        select(events_table.c.hash, events_table.c.content_hash).where(
-            events_table.c.job_id == job_id
-        )
+    query = select(events_table.c.hash, events_table.c.content_hash).where(
+        events_table.c.job_id == job_id
     )
-    stored: dict[str, str] = {hash_: content for hash_, content in rows}
+    if appended:
+        query = query.where(events_table.c.hash.in_([row["hash"] for row in parsed.rows]))
+    stored: dict[str, str] = {hash_: content for hash_, content in connection.execute(query)}
     seq = state.max_seq
     new_rows: list[dict[str, Any]] = []
     changed_rows: list[dict[str, Any]] = []
@@ -131,7 +133,7 @@ def save_events(
     _upsert(connection, new_rows)
     _upsert(connection, changed_rows)
 
-    total = len(stored) + len(new_rows)
+    total = state.event_count + len(new_rows)
     repairs = sum(1 for row in new_rows + changed_rows if row["repairs"])
     _update_state(
         connection,
@@ -180,17 +182,19 @@ def _upsert(connection: Connection, rows: Sequence[dict[str, Any]]) -> None:
     if not rows:
         return
     sql, order = _upsert_sql(connection)
-    convert: dict[str, Any] = {"raw": _json_text, "repairs": _json_text_or_none}
+    convert: dict[str, Any] = {"repairs": _json_text_or_none}
     if connection.dialect.name == "sqlite":
         convert["created_at"] = convert["updated_at"] = _sqlite_time
+    for row in rows:
+        if row.get("raw_text") is None:
+            row["raw_text"] = _json_text(row["raw"])
+    names = order or _UPSERT_COLUMNS
+    steps = [("raw_text" if n == "raw" else n, convert.get(n)) for n in names]
+    values = [[f(row.get(k)) if f else row.get(k) for k, f in steps] for row in rows]
     if order is None:  # named parameters (psycopg)
-        prepared: list[Any] = [
-            {n: convert[n](row.get(n)) if n in convert else row.get(n) for n in _UPSERT_COLUMNS}
-            for row in rows
-        ]
+        prepared: list[Any] = [dict(zip(names, v, strict=True)) for v in values]
     else:
-        steps = [(n, convert.get(n)) for n in order]
-        prepared = [tuple(f(row.get(n)) if f else row.get(n) for n, f in steps) for row in rows]
+        prepared = [tuple(v) for v in values]
     connection.exec_driver_sql(sql, prepared)
 
 

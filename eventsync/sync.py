@@ -131,12 +131,13 @@ def has_ended(job: Job, parsed: ParsedEvents) -> bool:
 def sync_job(client: TogetherClient, engine: Engine, job: Job) -> JobOutcome:
     """Fetch, parse and store one job. Errors are returned, not raised."""
     outcome = JobOutcome(job_id=job.id, status=job.status)
-    # A body identical to the last one stored needs no decoding, parsing or comparing; but a
-    # job that may have ended gets the full look, for its restart events.
-    may_skip = job.fingerprint if job.status not in TERMINAL_STATUSES else None
+    # A body identical to the last one stored needs no decoding, parsing or comparing, and
+    # one that only appends needs just its tail; but a job that may have ended gets the full
+    # look, for its restart events.
+    known = job.fingerprint if job.status not in TERMINAL_STATUSES else None
     parsed = None
     try:
-        fetched = client.job_events(job.id, unchanged_if=may_skip)
+        fetched = client.job_events(job.id, known=known)
         if fetched.events is not None:
             parsed = parse_events(fetched.events)
         try:
@@ -149,7 +150,8 @@ def sync_job(client: TogetherClient, engine: Engine, job: Job) -> JobOutcome:
                         job.id,
                         parsed,
                         status=job.status,
-                        fingerprint=fetched.digest,
+                        fingerprint=fetched.fingerprint,
+                        appended=fetched.appended,
                         finished=has_ended(job, parsed),
                     )
         except SQLAlchemyError as exc:

@@ -34,8 +34,29 @@ def test_lists_jobs_and_fetches_events(fake: FakeTogether, http_client: httpx.Cl
     assert client.get_job("ft-2").status == "completed"
     fetched = client.job_events("ft-1")
     assert fetched.events == fake.jobs["ft-1"].events
-    # The same body again is recognised by its digest and not decoded.
-    assert client.job_events("ft-1", unchanged_if=fetched.digest).events is None
+    # The same body again is recognised by its fingerprint and not decoded.
+    assert client.job_events("ft-1", known=fetched.fingerprint).events is None
+
+
+def test_only_the_appended_tail_is_decoded(fake: FakeTogether, http_client: httpx.Client) -> None:
+    """A body that extends the stored one yields just the new events; any other change
+    (an edit in the middle, a removal) yields the whole list again."""
+    fake.add_job("ft-1", events=5)
+    client = TogetherClient(http_client, FAST_RETRY)
+    first = client.job_events("ft-1")
+    fake.add_events("ft-1", 2)
+    grown = client.job_events("ft-1", known=first.fingerprint)
+    assert grown.appended
+    assert grown.events == fake.jobs["ft-1"].events[5:]
+    events = list(fake.jobs["ft-1"].events)
+    events[1] = dict(events[1], message="edited")
+    fake.set_events("ft-1", events)
+    edited = client.job_events("ft-1", known=grown.fingerprint)
+    assert not edited.appended
+    assert edited.events == events
+    fake.set_events("ft-1", events[:3])
+    shrunk = client.job_events("ft-1", known=edited.fingerprint)
+    assert (shrunk.appended, shrunk.events) == (False, events[:3])
 
 
 @pytest.mark.parametrize("suffix", ["", "/", "/v1", "/v1/"])
