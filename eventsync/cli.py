@@ -6,6 +6,7 @@ import json
 import logging
 import signal
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -20,7 +21,7 @@ from rich.table import Table
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from eventsync import __version__, db, store
+from eventsync import __version__, db, output, store
 from eventsync.client import RetryPolicy, TogetherClient, make_http_client
 from eventsync.config import Settings, load_settings, mask_url
 from eventsync.daemon import Daemon, Metrics, exit_now, serve_status
@@ -493,6 +494,156 @@ def _iso(value: datetime | None) -> str | None:
     if value.tzinfo is None:  # SQLite hands back naive UTC
         value = value.replace(tzinfo=UTC)
     return value.isoformat(timespec="seconds")
+
+
+# -- reading the history: these commands read the database and never the API -------------
+
+Format = Annotated[
+    str,
+    typer.Option("--format", metavar="FORMAT", help="table, json, jsonl or csv."),
+]
+
+
+def _read_engine(database_url: str | None) -> tuple[Settings, Engine]:
+    settings = settings_from(database_url=database_url)
+    setup_logging(settings)
+    return settings, db.make_engine(settings.database_url)
+
+
+def _check_format(fmt: str, allowed: tuple[str, ...] = output.FORMATS) -> None:
+    if fmt not in allowed:
+        fail(f"--format must be one of {', '.join(allowed)}, not {fmt!r}", code=2)
+
+
+@app.command()
+def status(database_url: DatabaseUrl = None, fmt: Format = "table") -> None:
+    """Every job: status, step/total and progress, last event and how long ago, last sync,
+    last error. Reads the database only."""
+    _check_format(fmt, ("table", "json"))
+    settings = settings_from(database_url=database_url)
+    setup_logging(settings)
+    with open_engine(settings) as engine:
+        db.ensure_schema(engine)
+        with engine.connect() as connection:
+            rows = store.job_summaries(connection)
+    if fmt == "json":
+        output.emit(rows, store.SUMMARY_COLUMNS, "json")
+        return
+    if not rows:
+        typer.echo("no jobs yet: run `eventsync sync --job-id ID` or `eventsync jobs add ID`")
+        return
+    shown = [
+        {
+            "job": r["job_id"],
+            "status": r["status"] or "?",
+            "step": f"{r['step']}/{r['total_steps']}" if r["total_steps"] else r["step"],
+            "progress": output.progress_bar(r["progress"]),
+            "last event": f"{r['last_event_type'] or ''} {output.ago(r['last_event_at'])}"
+            if r["last_event_at"]
+            else "",
+            "last sync": output.ago(r["last_synced_at"]),
+            "last error": r["last_error"],
+        }
+        for r in rows
+    ]
+    output.table(shown, list(shown[0]))
+
+
+@app.command()
+def events(
+    job_id: Annotated[str, typer.Argument(metavar="JOB", help="The fine-tuning job id.")],
+    event_type: Annotated[
+        str | None,
+        typer.Option(
+            "--type",
+            metavar="TYPE",
+            help="Only this event type (any case: job_start matches JOB_START).",
+        ),
+    ] = None,
+    since: Annotated[
+        str | None,
+        typer.Option(
+            "--since", metavar="WHEN", help="Only events since 30m, 1h, 2d... ago, or a date."
+        ),
+    ] = None,
+    limit: Annotated[
+        int | None, typer.Option("--limit", metavar="N", min=1, help="Only the latest N.")
+    ] = None,
+    follow: Annotated[
+        bool,
+        typer.Option(
+            "--follow",
+            "-f",
+            help="Keep printing new events as they are stored, like tail -f; Ctrl-C stops.",
+        ),
+    ] = False,
+    database_url: DatabaseUrl = None,
+    fmt: Format = "table",
+) -> None:
+    """A job's timeline, in the order the server served it. Reads the database only."""
+    _check_format(fmt)
+    try:
+        since_at = output.parse_since(since) if since else None
+    except ValueError as exc:
+        fail(str(exc), code=2)
+    settings = settings_from(database_url=database_url, job_ids=[job_id])
+    setup_logging(settings)
+    with open_engine(settings) as engine:
+        db.ensure_schema(engine)
+        with engine.connect() as connection:
+            rows = store.job_timeline(
+                connection, job_id, event_type=event_type, since=since_at, limit=limit
+            )
+        if not rows and not follow:
+            with engine.connect() as connection:
+                known = any(r.job_id == job_id for r in store.job_states(connection))
+            if not known:
+                fail(
+                    f"no events stored for job {job_id}: sync it first "
+                    f"(eventsync sync --job-id {job_id})"
+                )
+        columns = store.TIMELINE_COLUMNS
+        output.emit(rows, columns, "jsonl" if follow and fmt == "json" else fmt)
+        if not follow:
+            return
+        sys.stdout.flush()
+        last = rows[-1]["seq"] if rows else 0
+        try:
+            while True:
+                time.sleep(1.0)
+                with engine.connect() as connection:
+                    new = store.job_timeline(
+                        connection, job_id, event_type=event_type, since=since_at, after_seq=last
+                    )
+                if new:
+                    output.emit(new, columns, fmt, header=False)
+                    sys.stdout.flush()
+                    last = new[-1]["seq"]
+        except KeyboardInterrupt:
+            return
+
+
+@app.command("sql")
+def sql_command(
+    query: Annotated[str, typer.Argument(metavar="QUERY", help="One read-only SQL query.")],
+    database_url: DatabaseUrl = None,
+    fmt: Format = "table",
+) -> None:
+    """Run a read-only SQL query and print the answer, for those without sqlite3 or psql.
+    Anything that could write is refused."""
+    _check_format(fmt)
+    settings = settings_from(database_url=database_url)
+    setup_logging(settings)
+    with open_engine(settings) as engine:
+        db.ensure_schema(engine)
+        with engine.connect() as connection:
+            try:
+                columns, rows = store.read_only_query(connection, query)
+            except ValueError as exc:
+                fail(str(exc), code=2)
+            except store.QueryError as exc:
+                fail(f"query failed: {exc}")
+    output.emit([dict(zip(columns, row, strict=True)) for row in rows], columns, fmt)
 
 
 def main() -> None:

@@ -43,6 +43,7 @@ class _Job(BaseModel):
     model_config = ConfigDict(extra="ignore")
     id: str
     status: str | None = None
+    model: str | None = None
 
 
 class _JobList(BaseModel):
@@ -57,8 +58,9 @@ T = TypeVar("T")
 class Job:
     id: str
     status: str | None
-    # Digest of the events body last stored for this job, if any (see job_events).
+    # Fingerprint of the events body last stored for this job, if any (see job_events).
     fingerprint: str | None = None
+    model: str | None = None
 
 
 @dataclass(frozen=True)
@@ -140,11 +142,11 @@ class TogetherClient:
                 status_code=404,
                 api_message=exc.api_message,
             ) from None
-        return [Job(id=j.id, status=j.status) for j in listing.data]
+        return [Job(id=j.id, status=j.status, model=j.model) for j in listing.data]
 
     def get_job(self, job_id: str) -> Job:
         job = self._parsed(f"/fine-tunes/{_path_id(job_id)}", _Job, what=f"job {job_id}")
-        return Job(id=job.id, status=job.status)
+        return Job(id=job.id, status=job.status, model=job.model)
 
     def job_events(self, job_id: str, *, known: str | None = None) -> Events:
         """The job's whole event list, as decoded JSON objects, in the server's order.

@@ -86,6 +86,7 @@ class FakeJob:
     id: str
     status: str = "running"
     generation: str = "2026-04"
+    model: str = "meta-llama/Meta-Llama-3.1-8B-Instruct-Reference"
     events: list[dict[str, Any]] = field(default_factory=list)
     _body: bytes | None = None  # the serialised events, cached until they change
 
@@ -151,9 +152,12 @@ class FakeTogether:
         events: int | list[dict[str, Any]] = 0,
         status: str = "running",
         generation: str = "2026-04",
+        model: str | None = None,
     ) -> FakeJob:
         with self.lock:
             job = FakeJob(id=job_id, status=status, generation=generation)
+            if model is not None:
+                job.model = model
             self.jobs[job_id] = job
         self.add_events(job_id, events)
         return job
@@ -371,7 +375,7 @@ def _job_json(job: FakeJob) -> dict[str, Any]:
         "status": job.status,
         "created_at": EPOCH.isoformat(),
         "updated_at": EPOCH.isoformat(),
-        "model": "meta-llama/Meta-Llama-3.1-8B-Instruct-Reference",
+        "model": job.model,
     }
 
 

@@ -89,10 +89,12 @@ def plan_jobs(
         log.warning("could not list jobs, statuses unknown this pass: %s", exc)
         listed = []
     status = {job.id: job.status for job in listed}
+    models = {job.id: job.model for job in listed}
 
     def make_job(job_id: str) -> Job:
         state = states.get(job_id)
-        return Job(job_id, status.get(job_id), state.fingerprint if state is not None else None)
+        fingerprint = state.fingerprint if state is not None else None
+        return Job(job_id, status.get(job_id), fingerprint, models.get(job_id))
 
     jobs = [make_job(job_id) for job_id in wanted]
     if all_jobs:
@@ -143,13 +145,15 @@ def sync_job(client: TogetherClient, engine: Engine, job: Job) -> JobOutcome:
         try:
             with write_transaction(engine) as connection:
                 if parsed is None:
-                    saved = SaveResult(0, 0, mark_unchanged(connection, job.id, status=job.status))
+                    count = mark_unchanged(connection, job.id, status=job.status, model=job.model)
+                    saved = SaveResult(0, 0, count)
                 else:
                     saved = save_events(
                         connection,
                         job.id,
                         parsed,
                         status=job.status,
+                        model=job.model,
                         fingerprint=fetched.fingerprint,
                         appended=fetched.appended,
                         finished=has_ended(job, parsed),

@@ -7,40 +7,21 @@ import re
 import subprocess
 
 import yaml
-from sqlalchemy import Engine, text
 
-from eventsync.fakeapi import FakeTogether
-from tests.helpers import REPO, sync_pass
+from tests.helpers import REPO
 from tests.test_cli import EVENTSYNC
 
 README = (REPO / "README.md").read_text()
 
 
-def readme_queries() -> list[str]:
-    """Each statement of each ```sql block in the README, as written."""
-    blocks = re.findall(r"```sql\n(.*?)```", README, flags=re.S)
-    statements = [s.strip() for block in blocks for s in block.split(";\n")]
-    return [s.rstrip(";") for s in statements if (s and not s.startswith("--")) or "\n" in s]
+def test_every_readme_sql_block_is_a_tested_cookbook_entry() -> None:
+    """No SQL in the README escapes the tests: each block is in the cookbook test_cookbook
+    runs and checks."""
+    from tests.test_cookbook import cookbook
 
-
-def test_readme_has_sql_examples() -> None:
-    """The README shows at least four queries."""
-    assert len(readme_queries()) >= 4
-
-
-def test_every_readme_query_runs_and_answers(fake: FakeTogether, engine: Engine) -> None:
-    """Against a small history (one job failing), every README query returns rows."""
-    fake.add_job("ft-demo-0000", events=8)
-    fake.add_job("ft-demo-0001", events=3, generation="2026-08")
-    sync_pass(fake, engine, ["ft-demo-0000", "ft-demo-0001", "ft-missing"])
-    with engine.connect() as conn:
-        for query in readme_queries():
-            rows = conn.execute(text(query)).all()
-            assert rows, query
-    with engine.connect() as conn:
-        timeline = conn.execute(text(readme_queries()[1])).all()
-    assert [r.seq for r in timeline] == list(range(1, 9))
-    assert [r.message for r in timeline] == [e["message"] for e in fake.jobs["ft-demo-0000"].events]
+    blocks = [b.strip() for b in re.findall(r"```sql\n(.*?)```", README, flags=re.S)]
+    assert blocks
+    assert blocks == [sql for _, sql in cookbook()]
 
 
 def test_docker_compose_is_well_formed() -> None:

@@ -1,0 +1,113 @@
+"""Printing rows for people and for programs: table, json, jsonl, csv.
+
+Tables follow the terminal: colour and its width on a TTY, plain aligned text when piped.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import sys
+from collections.abc import Sequence
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+FORMATS = ("table", "json", "jsonl", "csv")
+
+
+def plain(value: Any) -> Any:
+    """A JSON-friendly value: datetimes as ISO 8601 (UTC), decimals as numbers."""
+    if isinstance(value, datetime):
+        return as_utc(value).isoformat()
+    if isinstance(value, date):
+        return value.isoformat()
+    if isinstance(value, Decimal):
+        return float(value)
+    return value
+
+
+def as_utc(value: datetime | str) -> datetime:
+    """Views hand SQLite timestamps back as text; either way, an aware UTC datetime."""
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def ago(value: datetime | str | None, now: datetime | None = None) -> str:
+    if value is None:
+        return "never"
+    seconds = max(0, int(((now or datetime.now(UTC)) - as_utc(value)).total_seconds()))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit} ago"
+    return f"{seconds}s ago"
+
+
+def progress_bar(progress: float | None, width: int = 10) -> str:
+    if progress is None:
+        return ""
+    filled = round(float(progress) * width)
+    return "█" * filled + "░" * (width - filled) + f" {float(progress) * 100:3.0f}%"
+
+
+def emit(
+    rows: Sequence[dict[str, Any]], columns: Sequence[str], fmt: str, *, header: bool = True
+) -> None:
+    """Print rows in the chosen format on stdout (json turns into jsonl without a header:
+    a stream of rows can't be one array)."""
+    if fmt == "json" and not header:
+        fmt = "jsonl"
+    if fmt == "json":
+        print(json.dumps([{c: plain(r.get(c)) for c in columns} for r in rows], indent=2))
+    elif fmt == "jsonl":
+        for r in rows:
+            print(json.dumps({c: plain(r.get(c)) for c in columns}))
+    elif fmt == "csv":
+        writer = csv.writer(sys.stdout)
+        if header:
+            writer.writerow(columns)
+        for r in rows:
+            writer.writerow(["" if r.get(c) is None else plain(r.get(c)) for c in columns])
+    else:
+        table(rows, columns, header=header)
+
+
+def table(rows: Sequence[dict[str, Any]], columns: Sequence[str], *, header: bool = True) -> None:
+    console = Console()
+    grid = Table(
+        box=None,
+        pad_edge=False,
+        show_header=header,
+        header_style="bold" if console.is_terminal else "",
+    )
+    for column in columns:
+        grid.add_column(column, overflow="fold")
+    for r in rows:
+        grid.add_row(*("" if r.get(c) is None else str(plain(r.get(c))) for c in columns))
+    if console.is_terminal:
+        console.print(grid)
+    else:  # piped: no colour, no wrapping to a guessed width
+        Console(width=10_000, color_system=None, highlight=False).print(grid)
+
+
+_SPAN = re.compile(r"^(\d+)\s*([smhdw])$")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def parse_since(text: str, now: datetime | None = None) -> datetime:
+    """`1h`, `30m`, `2d`, `1w` ago, or an ISO date or datetime (UTC unless it says)."""
+    match = _SPAN.match(text.strip().lower())
+    if match:
+        span = timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+        return (now or datetime.now(UTC)) - span
+    try:
+        return as_utc(text.strip())
+    except ValueError:
+        raise ValueError(
+            f"--since {text!r}: use a span like 30m, 1h, 2d, or a date like 2026-11-01"
+        ) from None

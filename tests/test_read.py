@@ -1,0 +1,205 @@
+"""status, events and sql: they read the database (never the API) and print for people or
+programs."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine, text
+
+from eventsync.fakeapi import FakeTogether, make_event
+from tests.helpers import sync_pass, wait_until
+from tests.history import load
+from tests.test_cli import EVENTSYNC, run
+
+
+@pytest.fixture
+def url(fake: FakeTogether, engine: Engine) -> str:
+    """A database holding the known history (tests/history.py)."""
+    load(fake)
+    sync_pass(fake, engine, ["ft-done", "ft-run", "ft-fail"])
+    fake.api_key = "the-read-commands-must-not-call-the-api"
+    return engine.url.render_as_string(hide_password=False)
+
+
+def test_status_json(url: str, tmp_path: Path) -> None:
+    """One object per job with status, progress, last event, last sync and last error."""
+    result = run("status", "--format", "json", "--database-url", url, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    jobs = {j["job_id"]: j for j in json.loads(result.stdout)}
+    assert set(jobs) == {"ft-done", "ft-run", "ft-fail"}
+    assert (jobs["ft-run"]["status"], jobs["ft-run"]["step"], jobs["ft-run"]["total_steps"]) == (
+        "running",
+        25,
+        100,
+    )
+    assert jobs["ft-run"]["progress"] == pytest.approx(0.25)
+    assert jobs["ft-done"]["status"] == "completed"
+    assert jobs["ft-fail"]["last_message"] == "CUDA out of memory"
+    assert jobs["ft-done"]["last_synced_at"] is not None
+
+
+def test_status_table_when_piped(url: str, tmp_path: Path) -> None:
+    """Piped, the table is plain text: a header, a row per job, no escape codes."""
+    result = run("status", "--database-url", url, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].split()[:3] == ["job", "status", "step"]
+    assert any(line.startswith("ft-run") and "25/100" in line and "25%" in line for line in lines)
+    assert "\x1b[" not in result.stdout
+
+
+def test_events_in_server_order_and_filters(url: str, tmp_path: Path) -> None:
+    """The timeline by seq; --type (any case), --limit (the latest N), --since."""
+    listed = run("events", "ft-done", "--format", "jsonl", "--database-url", url, cwd=tmp_path)
+    rows = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert [r["seq"] for r in rows] == list(range(1, 8))
+    assert rows[0]["type"] == "job_pending"
+    typed = run(
+        "events",
+        "ft-run",
+        "--type",
+        "checkpoint_save",
+        "--format",
+        "json",
+        "--database-url",
+        url,
+        cwd=tmp_path,
+    )
+    assert [r["type"] for r in json.loads(typed.stdout)] == ["CHECKPOINT_SAVE"]
+    latest = run(
+        "events", "ft-done", "--limit", "2", "--format", "csv", "--database-url", url, cwd=tmp_path
+    )
+    table = list(csv.DictReader(io.StringIO(latest.stdout)))
+    assert [r["seq"] for r in table] == ["6", "7"]
+    since = run(
+        "events",
+        "ft-done",
+        "--since",
+        "2026-11-02T09:10:00Z",
+        "--format",
+        "json",
+        "--database-url",
+        url,
+        cwd=tmp_path,
+    )
+    assert [r["seq"] for r in json.loads(since.stdout)] == [6, 7]
+    recent = run(
+        "events",
+        "ft-done",
+        "--since",
+        "1h",
+        "--format",
+        "json",
+        "--database-url",
+        url,
+        cwd=tmp_path,
+    )
+    assert json.loads(recent.stdout) == []
+
+
+def test_events_errors(url: str, tmp_path: Path) -> None:
+    """An unknown job and a bad --since are one-line errors."""
+    unknown = run("events", "ft-nope", "--database-url", url, cwd=tmp_path)
+    assert unknown.returncode == 1
+    assert unknown.stderr.startswith("error: no events stored for job ft-nope")
+    bad = run("events", "ft-done", "--since", "last tuesday", "--database-url", url, cwd=tmp_path)
+    assert bad.returncode == 2
+    assert "--since 'last tuesday'" in bad.stderr
+
+
+def test_events_follow(fake: FakeTogether, engine: Engine, url: str, tmp_path: Path) -> None:
+    """--follow prints new events as they are stored, and Ctrl-C ends it cleanly."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("EVENTSYNC_", "TOGETHER_"))}
+    proc = subprocess.Popen(
+        [EVENTSYNC, "events", "ft-run", "--follow", "--format", "jsonl", "--database-url", url],
+        cwd=tmp_path,
+        env=base,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    first = [json.loads(proc.stdout.readline()) for _ in range(4)]
+    assert [r["seq"] for r in first] == [1, 2, 3, 4]
+    fake.api_key = "test-key-5f1c2e"
+    fake.add_events(
+        "ft-run",
+        [make_event("ft-run", 50, type="CHECKPOINT_SAVE", message="Saved step 50", step=50)],
+    )
+    sync_pass(fake, engine, ["ft-run"])
+    line = proc.stdout.readline()
+    assert json.loads(line)["message"] == "Saved step 50"
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=10) == 0
+    proc.stdout.close()
+    assert proc.stderr is not None
+    assert "Traceback" not in proc.stderr.read()
+    proc.stderr.close()
+
+
+def test_sql_reads(url: str, tmp_path: Path) -> None:
+    """A query's answer as a table, JSON or CSV; % in the SQL is just a character."""
+    result = run(
+        "sql",
+        "SELECT job_id, status FROM fine_tune_job_summary WHERE job_id LIKE 'ft-%' ORDER BY job_id",
+        "--format",
+        "json",
+        "--database-url",
+        url,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == [
+        {"job_id": "ft-done", "status": "completed"},
+        {"job_id": "ft-fail", "status": "error"},
+        {"job_id": "ft-run", "status": "running"},
+    ]
+    as_csv = run(
+        "sql",
+        "SELECT count(*) AS n FROM fine_tune_events",
+        "--format",
+        "csv",
+        "--database-url",
+        url,
+        cwd=tmp_path,
+    )
+    assert as_csv.stdout.splitlines() == ["n", "14"]
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "DELETE FROM fine_tune_events",
+        "UPDATE sync_state SET status = 'x'",
+        "DROP TABLE fine_tune_events",
+        "PRAGMA journal_mode = DELETE",
+        "WITH gone AS (DELETE FROM fine_tune_events RETURNING 1) SELECT count(*) FROM gone",
+    ],
+)
+def test_sql_refuses_writes(url: str, engine: Engine, tmp_path: Path, query: str) -> None:
+    """Anything that could write is refused, up front or by the read-only transaction."""
+    result = run("sql", query, "--database-url", url, cwd=tmp_path)
+    assert result.returncode in (1, 2)
+    assert result.stderr.startswith("error: ")
+    assert "Traceback" not in result.stderr
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM fine_tune_events")).scalar_one() == 14
+
+
+def test_read_commands_never_call_the_api(url: str, fake: FakeTogether, tmp_path: Path) -> None:
+    """status, events and sql make no request at all."""
+    before = len(fake.arrivals)
+    for args in (["status"], ["events", "ft-done"], ["sql", "SELECT 1"]):
+        assert run(*args, "--database-url", url, cwd=tmp_path).returncode == 0
+    time.sleep(0.1)
+    assert len(fake.arrivals) == before
+    wait_until(lambda: True, timeout=1)
