@@ -1,7 +1,7 @@
 """Datasette metadata that turns the README's cookbook into canned queries.
 
-    pip install 'eventsync[datasette]'
-    datasette eventsync.db --metadata "$(python -m eventsync.datasette)"
+pip install 'eventsync[datasette]'
+datasette eventsync.db --metadata "$(python -m eventsync.datasette)"
 """
 
 from __future__ import annotations
