@@ -12,7 +12,17 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection, Engine, Insert, func, select, text, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Insert,
+    column,
+    func,
+    select,
+    table,
+    text,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 
 from eventsync.errors import first_line
@@ -198,7 +208,47 @@ def _upsert(connection: Connection, rows: Sequence[dict[str, Any]]) -> None:
         prepared: list[Any] = [dict(zip(names, v, strict=True)) for v in values]
     else:
         prepared = [tuple(v) for v in values]
-    connection.exec_driver_sql(sql, prepared)
+    if connection.dialect.name == "postgresql" and len(prepared) >= _COPY_THRESHOLD:
+        _copy_upsert(connection, prepared)
+    else:
+        connection.exec_driver_sql(sql, prepared)
+
+
+# Below this many rows, one executemany beats setting up a COPY.
+_COPY_THRESHOLD = 200
+_INCOMING = "eventsync_incoming"
+
+
+def _copy_upsert(connection: Connection, rows: list[dict[str, Any]]) -> None:
+    """Postgres: COPY the rows into a temporary table, then one INSERT ... SELECT ... ON
+    CONFLICT: the bulk path, several times faster than row-by-row inserts."""
+    columns = ", ".join(_UPSERT_COLUMNS)
+    connection.exec_driver_sql(
+        f"CREATE TEMP TABLE IF NOT EXISTS {_INCOMING} ON COMMIT DELETE ROWS AS "
+        f"SELECT {columns} FROM fine_tune_events WITH NO DATA"
+    )
+    driver = connection.connection.driver_connection
+    assert driver is not None
+    with driver.cursor() as cursor, cursor.copy(f"COPY {_INCOMING} ({columns}) FROM STDIN") as copy:
+        for row in rows:
+            copy.write_row([row[name] for name in _UPSERT_COLUMNS])
+    connection.exec_driver_sql(_copy_upsert_sql(connection))
+
+
+def _copy_upsert_sql(connection: Connection) -> str:
+    if "copy" not in _COMPILED:
+        incoming = table(_INCOMING, *(column(name) for name in _UPSERT_COLUMNS))
+        stmt: Any = postgresql.insert(events_table).from_select(
+            list(_UPSERT_COLUMNS), select(*incoming.c)
+        )
+        excluded = stmt.excluded
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["job_id", "hash"],
+            set_={name: excluded[name] for name in (*_CONTENT_COLUMNS, "updated_at")},
+            where=events_table.c.content_hash != excluded.content_hash,
+        )
+        _COMPILED["copy"] = (str(stmt.compile(dialect=connection.dialect)), None)
+    return _COMPILED["copy"][0]
 
 
 def _json_text(value: Any) -> str:

@@ -224,3 +224,22 @@ def test_created_at_is_stored_as_aware_utc(fake: FakeTogether, engine: Engine) -
         datetime(2026, 11, 1, 10, 15, tzinfo=UTC),
     ]
     assert all(s.utcoffset() == timedelta(0) for s in stamps)
+
+
+def test_large_lists_take_the_bulk_path_with_the_same_results(
+    fake: FakeTogether, engine: Engine
+) -> None:
+    """600 new events, then 600 edited ones (COPY on Postgres): same rows, same seq, updates
+    in place, and a write count that matches exactly."""
+    events = [make_event("ft-big", i) for i in range(600)]
+    fake.add_job("ft-big", events=events)
+    assert sync_pass(fake, engine, ["ft-big"]).outcomes[0].new == 600
+    edited = [dict(e, message=f"edited {i}") for i, e in enumerate(events)]
+    fake.set_events("ft-big", edited)
+    install_write_counter(engine)
+    outcome = sync_pass(fake, engine, ["ft-big"]).outcomes[0]
+    assert (outcome.new, outcome.updated, outcome.total) == (0, 600, 600)
+    assert writes(engine) == {"UPDATE": 600}
+    rows = stored(engine, "ft-big")
+    assert [r[0] for r in rows] == list(range(1, 601))
+    assert [r[2] for r in rows] == [e["message"] for e in edited]
