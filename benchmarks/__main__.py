@@ -339,6 +339,8 @@ def run_capped(peer: Callable[[str], Any], url: str, *, warm: bool) -> float:
         child.kill()  # dlt handles SIGTERM gracefully, i.e. not soon
         child.join()
         return float("inf")
+    if child.exitcode != 0:
+        raise RuntimeError(f"a peer failed (exit {child.exitcode}); see its output above")
     return float(queue.get(timeout=5))
 
 

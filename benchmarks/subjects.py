@@ -123,8 +123,19 @@ def dlt_pipeline(url: str, base_url: str, key: str, job_ids: list[str], workdir:
     if url.startswith("sqlite"):
         destination = dlt.destinations.sqlalchemy(credentials=url)
     else:
+        import getpass
+
+        from sqlalchemy.engine import make_url
+
+        # dlt insists on a user and a password, even where the server trusts the connection.
+        parsed = make_url(url)
+        parsed = parsed.set(
+            drivername="postgresql",
+            username=parsed.username or getpass.getuser(),
+            password=parsed.password or "unused",
+        )
         destination = dlt.destinations.postgres(
-            credentials=url.replace("postgresql+psycopg://", "postgresql://")
+            credentials=parsed.render_as_string(hide_password=False)
         )
     pipeline = dlt.pipeline(
         pipeline_name="bench",
