@@ -412,14 +412,7 @@ def jobs_add(
     database_url: DatabaseUrl = None,
 ) -> None:
     """Follow these jobs: `eventsync run` and `sync` pick them up at their next pass."""
-    settings = settings_from(database_url=database_url, job_ids=job_ids)
-    setup_logging(settings)
-    with open_engine(settings) as engine:
-        db.ensure_schema(engine)
-        with engine.begin() as connection:
-            changed = store.set_tracked(connection, settings.job_ids, tracked=True)
-    for job in settings.job_ids:
-        typer.echo(f"{job}: {'added' if job in changed else 'already followed'}")
+    _set_tracked(job_ids, database_url, tracked=True, said=("added", "already followed"))
 
 
 @jobs_app.command("remove")
@@ -428,14 +421,20 @@ def jobs_remove(
     database_url: DatabaseUrl = None,
 ) -> None:
     """Stop following these jobs. Their stored events are kept."""
+    _set_tracked(job_ids, database_url, tracked=False, said=("removed", "was not followed"))
+
+
+def _set_tracked(
+    job_ids: list[str], database_url: str | None, *, tracked: bool, said: tuple[str, str]
+) -> None:
     settings = settings_from(database_url=database_url, job_ids=job_ids)
     setup_logging(settings)
     with open_engine(settings) as engine:
         db.ensure_schema(engine)
         with engine.begin() as connection:
-            changed = store.set_tracked(connection, settings.job_ids, tracked=False)
+            changed = store.set_tracked(connection, settings.job_ids, tracked=tracked)
     for job in settings.job_ids:
-        typer.echo(f"{job}: {'removed' if job in changed else 'was not followed'}")
+        typer.echo(f"{job}: {said[0] if job in changed else said[1]}")
 
 
 @jobs_app.command("list")

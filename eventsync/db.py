@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Iterator
@@ -11,7 +10,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import orjson
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
@@ -21,18 +19,12 @@ from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 
 from eventsync.errors import ConfigError
+from eventsync.events import json_text
 
 log = logging.getLogger(__name__)
 
 # Serialises migrations between processes that start together (Postgres advisory lock key).
 MIGRATION_LOCK_KEY = 0x6576_656E_7473  # "events"
-
-
-def _json_dumps(value: Any) -> str:
-    try:
-        return orjson.dumps(value).decode()
-    except (TypeError, orjson.JSONEncodeError):  # ints beyond 64 bits
-        return json.dumps(value, ensure_ascii=False)
 
 
 def make_engine(url: str, *, pool_size: int = 8) -> Engine:
@@ -42,7 +34,7 @@ def make_engine(url: str, *, pool_size: int = 8) -> Engine:
         database = parsed.database
         if database and database != ":memory:":
             Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(parsed, connect_args={"timeout": 30}, json_serializer=_json_dumps)
+        engine = create_engine(parsed, connect_args={"timeout": 30}, json_serializer=json_text)
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
     return create_engine(
@@ -50,7 +42,7 @@ def make_engine(url: str, *, pool_size: int = 8) -> Engine:
         pool_pre_ping=True,
         pool_size=pool_size,
         max_overflow=4,
-        json_serializer=_json_dumps,
+        json_serializer=json_text,
     )
 
 

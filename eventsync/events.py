@@ -101,6 +101,14 @@ def canonical_json(value: Any) -> bytes:
         return text.encode("utf-8", "surrogatepass")
 
 
+def json_text(value: Any) -> str:
+    """JSON text for a JSON column: orjson, or the stdlib for integers beyond 64 bits."""
+    try:
+        return orjson.dumps(value).decode()
+    except (TypeError, orjson.JSONEncodeError):
+        return json.dumps(value, ensure_ascii=False)
+
+
 def parse_created_at(value: Any) -> datetime | None:
     """An aware UTC datetime from the API's string; naive strings are taken as UTC."""
     if not isinstance(value, str):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -11,7 +10,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-import orjson
 from sqlalchemy import (
     Connection,
     Engine,
@@ -26,7 +24,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 
 from eventsync.errors import first_line
-from eventsync.events import EVENT_FIELDS, ParsedEvents
+from eventsync.events import EVENT_FIELDS, ParsedEvents, json_text
 from eventsync.models import events_table, state_table
 
 # Columns an upsert may change on an event already stored; seq and first_seen_at stay.
@@ -200,7 +198,7 @@ def _upsert(connection: Connection, rows: Sequence[dict[str, Any]]) -> None:
         convert["created_at"] = convert["updated_at"] = _sqlite_time
     for row in rows:
         if row.get("raw_text") is None:
-            row["raw_text"] = _json_text(row["raw"])
+            row["raw_text"] = json_text(row["raw"])
     names = order or _UPSERT_COLUMNS
     steps = [("raw_text" if n == "raw" else n, convert.get(n)) for n in names]
     values = [[f(row.get(k)) if f else row.get(k) for k, f in steps] for row in rows]
@@ -251,15 +249,8 @@ def _copy_upsert_sql(connection: Connection) -> str:
     return _COMPILED["copy"][0]
 
 
-def _json_text(value: Any) -> str:
-    try:
-        return orjson.dumps(value).decode()
-    except (TypeError, orjson.JSONEncodeError):  # integers beyond 64 bits
-        return json.dumps(value, ensure_ascii=False)
-
-
 def _json_text_or_none(value: Any) -> str | None:
-    return _json_text(value) if value else None
+    return json_text(value) if value else None
 
 
 def _sqlite_time(value: datetime | None) -> str | None:
