@@ -9,7 +9,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Annotated, Any, NoReturn
 
 import httpx
@@ -488,11 +488,7 @@ def jobs_list(
 
 
 def _iso(value: datetime | None) -> str | None:
-    if value is None:
-        return None
-    if value.tzinfo is None:  # SQLite hands back naive UTC
-        value = value.replace(tzinfo=UTC)
-    return value.isoformat(timespec="seconds")
+    return None if value is None else value.isoformat(timespec="seconds")
 
 
 # -- reading the history: these commands read the database and never the API -------------
@@ -501,12 +497,6 @@ Format = Annotated[
     str,
     typer.Option("--format", metavar="FORMAT", help="table, json, jsonl or csv."),
 ]
-
-
-def _read_engine(database_url: str | None) -> tuple[Settings, Engine]:
-    settings = settings_from(database_url=database_url)
-    setup_logging(settings)
-    return settings, db.make_engine(settings.database_url)
 
 
 def _check_format(fmt: str, allowed: tuple[str, ...] = output.FORMATS) -> None:

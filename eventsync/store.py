@@ -308,13 +308,6 @@ def record_failure(
     )
 
 
-def event_count(connection: Connection, job_id: str | None = None) -> int:
-    query = select(func.count()).select_from(events_table)
-    if job_id is not None:
-        query = query.where(events_table.c.job_id == job_id)
-    return int(connection.execute(query).scalar_one())
-
-
 def set_tracked(connection: Connection, job_ids: Sequence[str], *, tracked: bool) -> list[str]:
     """Mark jobs as followed (or not) by the daemon. Returns the ids whose flag changed."""
     changed = []
