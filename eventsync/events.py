@@ -16,7 +16,8 @@ import json
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from operator import itemgetter
+from typing import Annotated, Any, NamedTuple
 
 import orjson
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
@@ -45,7 +46,39 @@ INT_FIELDS = (
 )
 FLOAT_FIELDS = ("early_stopping_best_metric_value",)
 EVENT_FIELDS = (*TEXT_FIELDS, *INT_FIELDS, *FLOAT_FIELDS, "created_at")
-_EMPTY_ROW = dict.fromkeys(EVENT_FIELDS)
+_VALUE_FIELDS = (*TEXT_FIELDS, *INT_FIELDS, *FLOAT_FIELDS)
+_EMPTY_VALUES = dict.fromkeys(_VALUE_FIELDS)
+_values_of = itemgetter(*_VALUE_FIELDS)
+
+
+class EventRow(NamedTuple):
+    """One event as it is stored, without job_id and seq. A tuple in the column order the
+    store sends to the driver, so that building the driver's rows costs no per-field work."""
+
+    object: str | None
+    level: str | None
+    message: str | None
+    type: str | None
+    wandb_url: str | None
+    checkpoint_path: str | None
+    model_path: str | None
+    hash: str
+    tokenized_dataset_path: str | None
+    param_count: int | None
+    token_count: int | None
+    total_steps: int | None
+    step: int | None
+    training_offset: int | None
+    early_stopping_best_step: int | None
+    early_stopping_best_metric_value: float | None
+    raw: str  # the whole event as JSON text
+    content_hash: str  # sha256 of the event's canonical JSON
+    repairs: str | None  # JSON list of what was repaired to store it, or None
+    created_at: datetime | None  # last: the one value whose form differs by database
+
+
+ROW_COLUMNS = EventRow._fields
+assert ROW_COLUMNS[: len(_VALUE_FIELDS)] == _VALUE_FIELDS
 
 
 class _EventColumns(TypedDict, total=False):
@@ -77,8 +110,8 @@ class _EventColumns(TypedDict, total=False):
 
 
 _EVENTS = TypeAdapter(list[_EventColumns])
-# Indexed text columns, capped well below Postgres' btree limit (~2.7 kB per entry).
-_INDEXED_LIMITS = {"hash": 512, "type": 512}
+# Indexed text columns (hash, type) are capped well below Postgres' btree limit (~2.7 kB).
+_INDEX_LIMIT = 512
 _EVENT = TypeAdapter(_EventColumns)
 
 
@@ -86,7 +119,7 @@ _EVENT = TypeAdapter(_EventColumns)
 class ParsedEvents:
     """The rows of one job's event list, in the server's order, and what was repaired."""
 
-    rows: list[dict[str, Any]]
+    rows: list[EventRow]
     repairs: Counter[str] = field(default_factory=Counter)
     duplicates: int = 0
 
@@ -167,67 +200,83 @@ def parse_events(data: list[Any]) -> ParsedEvents:
             objects.append({"_not_an_object": item})
             result.repairs["not_an_object"] += 1
     try:
-        validated: list[dict[str, Any]] | None = [dict(v) for v in _EVENTS.validate_python(objects)]
+        # One call validates the whole list; its dicts are new, so they may be changed below.
+        validated: list[dict[str, Any]] | None = _EVENTS.validate_python(objects)
     except ValidationError:
         validated = None  # slow path below, one event at a time
 
     seen: dict[str, str] = {}  # hash -> content digest of the event stored under it
+    rows = result.rows
+    make_row = EventRow._make
+    sha256 = hashlib.sha256
     for index, raw in enumerate(objects):
         repairs: list[str] = []
         columns = validated[index] if validated is not None else _columns_of(raw, repairs)
         canonical = canonical_json(raw)
-        digest = hashlib.sha256(canonical).hexdigest()
-        # Text that Postgres can't hold shows in the canonical form: an escaped NUL, or (only
-        # on the stdlib fallback path) bytes that aren't UTF-8. Most events have neither.
-        dirty = b"\\u0000" in canonical or _needs_escape(canonical)
+        digest = sha256(canonical).hexdigest()
 
         created_at = parse_created_at(columns.get("created_at"))
         if created_at is None and raw.get("created_at") is not None:
             repairs.append("created_at:unparseable")
-        columns["created_at"] = created_at
-
-        for name in TEXT_FIELDS if dirty else ():
-            value = columns.get(name)
-            if value is not None:
-                cleaned = _clean_text(value)
-                if cleaned != value:
-                    repairs.append(f"{name}:nul_or_surrogate")
-                    columns[name] = cleaned
-
-        if not columns.get("hash"):
-            columns["hash"] = digest
-        previous = seen.get(columns["hash"])
-        if previous == digest:
-            result.duplicates += 1
-            result.repairs["duplicate_in_list"] += 1
-            continue
-        if previous is not None:
-            # Same hash, other content: kept under a hash of its own, never dropped.
-            columns["hash"] = f"{columns['hash']}~{digest[:16]}"
-            repairs.append("hash:reused_with_other_content")
-        seen[columns["hash"]] = digest
-        for name, limit in _INDEXED_LIMITS.items():
-            value = columns.get(name)
-            if value is not None and len(value) > limit:
-                # Postgres can't index a value this long; raw keeps the original.
-                columns[name] = f"{value[: limit - 72]}~sha256:{_sha256(value)}"
-                repairs.append(f"{name}:too_long")
-
-        stored_raw = raw
+        # Text that Postgres can't hold shows in the canonical form: an escaped NUL, or (only
+        # on the stdlib fallback path) bytes that aren't UTF-8. Most events have neither.
+        dirty = b"\\u0000" in canonical or (not canonical.isascii() and _needs_escape(canonical))
         if dirty:
-            stored_raw = _escape_raw(raw)
-            if stored_raw != raw:
-                repairs.append("raw:escaped")
+            _clean_columns(columns, repairs)
+
+        hash_ = columns.get("hash") or digest
+        previous = seen.get(hash_)
+        if previous is not None:
+            if previous == digest:
+                result.duplicates += 1
+                result.repairs["duplicate_in_list"] += 1
+                continue
+            # Same hash, other content: kept under a hash of its own, never dropped.
+            hash_ = f"{hash_}~{digest[:16]}"
+            repairs.append("hash:reused_with_other_content")
+        seen[hash_] = digest
+        columns["hash"] = hash_
+        if len(hash_) > _INDEX_LIMIT or len(columns.get("type") or "") > _INDEX_LIMIT:
+            _cap_indexed(columns, repairs)
+
+        # The canonical text is the event as JSON already: stored as is, unless escaped.
+        raw_text = (dirty and _escaped_raw_text(raw, repairs)) or canonical.decode()
+        repairs_text = None
         if repairs:
             result.repairs.update(repairs)
-        row = {**_EMPTY_ROW, **columns}
-        row["raw"] = stored_raw
-        # The canonical text is the raw event as JSON already: stored as is, not encoded again.
-        row["raw_text"] = None if stored_raw is not raw else canonical.decode()
-        row["content_hash"] = digest
-        row["repairs"] = repairs or None
-        result.rows.append(row)
+            repairs_text = orjson.dumps(repairs).decode()
+        values = _values_of({**_EMPTY_VALUES, **columns})
+        rows.append(make_row((*values, raw_text, digest, repairs_text, created_at)))
     return result
+
+
+def _clean_columns(columns: dict[str, Any], repairs: list[str]) -> None:
+    """Replace NULs and lone surrogates in the text columns."""
+    for name in TEXT_FIELDS:
+        value = columns.get(name)
+        if value is not None:
+            cleaned = _clean_text(value)
+            if cleaned != value:
+                repairs.append(f"{name}:nul_or_surrogate")
+                columns[name] = cleaned
+
+
+def _escaped_raw_text(raw: dict[str, Any], repairs: list[str]) -> str | None:
+    """The raw event's JSON text with NULs and lone surrogates escaped; None if it has none."""
+    escaped = _escape_raw(raw)
+    if escaped == raw:
+        return None
+    repairs.append("raw:escaped")
+    return canonical_json(escaped).decode()
+
+
+def _cap_indexed(columns: dict[str, Any], repairs: list[str]) -> None:
+    """Postgres can't index a value this long: shorten it stably. raw keeps the original."""
+    for name in ("hash", "type"):
+        value = columns.get(name)
+        if value is not None and len(value) > _INDEX_LIMIT:
+            columns[name] = f"{value[: _INDEX_LIMIT - 72]}~sha256:{_sha256(value)}"
+            repairs.append(f"{name}:too_long")
 
 
 def _sha256(text: str) -> str:

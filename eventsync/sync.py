@@ -122,7 +122,7 @@ def has_ended(job: Job, parsed: ParsedEvents) -> bool:
     if job.status not in TERMINAL_STATUSES:
         return False
     for row in reversed(parsed.rows):
-        kind = (row["type"] or "").lower()
+        kind = (row.type or "").lower()
         if kind == "job_restarted":
             return False
         if kind in _END_EVENTS:
@@ -140,8 +140,10 @@ def sync_job(client: TogetherClient, engine: Engine, job: Job) -> JobOutcome:
     parsed = None
     try:
         fetched = client.job_events(job.id, known=known)
+        fingerprint, appended = fetched.fingerprint, fetched.appended
         if fetched.events is not None:
             parsed = parse_events(fetched.events)
+        del fetched  # the rows hold all that is stored: free the decoded events
         try:
             with write_transaction(engine) as connection:
                 if parsed is None:
@@ -154,8 +156,8 @@ def sync_job(client: TogetherClient, engine: Engine, job: Job) -> JobOutcome:
                         parsed,
                         status=job.status,
                         model=job.model,
-                        fingerprint=fetched.fingerprint,
-                        appended=fetched.appended,
+                        fingerprint=fingerprint,
+                        appended=appended,
                         finished=has_ended(job, parsed),
                     )
         except SQLAlchemyError as exc:

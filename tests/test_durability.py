@@ -37,7 +37,7 @@ def assert_exact(engine: Engine, fake: FakeTogether) -> None:
     for job_id, _seq, hash_ in rows:
         stored.setdefault(job_id, []).append(hash_)
     expected = {
-        job_id: [row["hash"] for row in parse_events(job.events).rows]
+        job_id: [row.hash for row in parse_events(job.events).rows]
         for job_id, job in fake.jobs.items()
     }
     assert stored == expected
