@@ -201,7 +201,7 @@ def parse_events(data: list[Any]) -> ParsedEvents:
             result.repairs["not_an_object"] += 1
     try:
         # One call validates the whole list; its dicts are new, so they may be changed below.
-        validated: list[dict[str, Any]] | None = _EVENTS.validate_python(objects)
+        validated: list[Any] | None = _EVENTS.validate_python(objects)
     except ValidationError:
         validated = None  # slow path below, one event at a time
 
