@@ -12,11 +12,12 @@ from sqlalchemy import Engine, text
 from eventsync import db
 from eventsync.client import RetryPolicy, TogetherClient, make_http_client
 from eventsync.config import Settings
-from eventsync.sync import PassResult, plan_jobs, run_pass
+from eventsync.sync import PassResult, plan_jobs, run_pass, tune_gc
 
 
 def eventsync_pass(url: str, base_url: str, key: str, concurrency: int = 8) -> PassResult:
     """One `eventsync sync --all-jobs` pass, in process, on an already migrated database."""
+    tune_gc()  # as eventsync's main() does
     settings = Settings(
         database_url=url,
         api_key=key,

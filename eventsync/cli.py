@@ -26,7 +26,7 @@ from eventsync.client import RetryPolicy, TogetherClient, make_http_client
 from eventsync.config import Settings, load_settings, mask_url
 from eventsync.daemon import Daemon, Metrics, exit_now, serve_status
 from eventsync.errors import ConfigError, EventsyncError, first_line
-from eventsync.sync import JobOutcome, plan_jobs, run_pass
+from eventsync.sync import JobOutcome, plan_jobs, run_pass, tune_gc
 
 log = logging.getLogger("eventsync")
 
@@ -636,4 +636,5 @@ def sql_command(
 
 
 def main() -> None:
+    tune_gc()
     app()

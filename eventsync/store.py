@@ -17,6 +17,8 @@ from sqlalchemy import (
     Connection,
     Engine,
     Insert,
+    Update,
+    bindparam,
     column,
     func,
     select,
@@ -75,20 +77,32 @@ def list_fingerprint(parsed: ParsedEvents) -> str:
     return f"{len(parsed.rows)}:{digest.hexdigest()}"
 
 
+# Statements built once: constructing them per job cost more than running them.
+_LOCK_STATE = select(state_table).where(state_table.c.job_id == bindparam("job")).with_for_update()
+_STATE_COUNT = select(state_table.c.event_count).where(state_table.c.job_id == bindparam("job"))
+_STORED = select(events_table.c.hash, events_table.c.content_hash).where(
+    events_table.c.job_id == bindparam("job")
+)
+_STORED_AMONG = _STORED.where(events_table.c.hash.in_(bindparam("hashes", expanding=True)))
+
+
 def _lock_state(connection: Connection, job_id: str) -> Any:
     """Create the job's state row if new, then lock it for this transaction.
 
     The INSERT comes first so that SQLite takes its write lock before any read, and Postgres
     row-locks with FOR UPDATE: two daemons syncing the same job then take turns.
     """
-    connection.execute(_ensure_state(connection, job_id))
-    return connection.execute(
-        select(state_table).where(state_table.c.job_id == job_id).with_for_update()
-    ).one()
+    _ensure_state(connection, job_id)
+    return connection.execute(_LOCK_STATE, {"job": job_id}).one()
 
 
-def _ensure_state(connection: Connection, job_id: str) -> Insert:
-    stmt: Any = _insert(connection, state_table).values(job_id=job_id)
+def _ensure_state(connection: Connection, job_id: str) -> None:
+    connection.execute(_ensure_state_sql(connection.dialect.name), {"job_id": job_id})
+
+
+@lru_cache(maxsize=4)
+def _ensure_state_sql(dialect: str) -> Insert:
+    stmt: Any = (postgresql if dialect == "postgresql" else sqlite).insert(state_table)
     return stmt.on_conflict_do_nothing(index_elements=["job_id"])  # type: ignore[no-any-return]
 
 
@@ -128,12 +142,12 @@ def save_events(
         _update_state(connection, job_id, done)
         return SaveResult(new=0, updated=0, total=state.event_count, finished_now=finished_now)
 
-    query = select(events_table.c.hash, events_table.c.content_hash).where(
-        events_table.c.job_id == job_id
-    )
     if appended:
-        query = query.where(events_table.c.hash.in_([row.hash for row in parsed.rows]))
-    stored: dict[str, str] = {hash_: content for hash_, content in connection.execute(query)}
+        hashes = [row.hash for row in parsed.rows]
+        found = connection.execute(_STORED_AMONG, {"job": job_id, "hashes": hashes})
+    else:
+        found = connection.execute(_STORED, {"job": job_id})
+    stored: dict[str, str] = {hash_: content for hash_, content in found}
     seq = state.max_seq
     new_rows: list[tuple[int, EventRow]] = []
     changed_rows: list[tuple[int, EventRow]] = []
@@ -306,14 +320,22 @@ def mark_unchanged(
     if model is not None:
         values["model"] = model
     _update_state(connection, job_id, values)
-    count = connection.execute(
-        select(state_table.c.event_count).where(state_table.c.job_id == job_id)
-    ).scalar_one()
-    return int(count)
+    return int(connection.execute(_STATE_COUNT, {"job": job_id}).scalar_one())
 
 
 def _update_state(connection: Connection, job_id: str, values: dict[str, Any]) -> None:
-    connection.execute(update(state_table).where(state_table.c.job_id == job_id).values(**values))
+    params = {f"new_{name}": value for name, value in values.items()}
+    connection.execute(_update_state_sql(tuple(values)), {"job": job_id, **params})
+
+
+@lru_cache(maxsize=16)
+def _update_state_sql(columns: tuple[str, ...]) -> Update:
+    """UPDATE sync_state SET the columns named WHERE job_id = :job, built once per set."""
+    return (
+        update(state_table)
+        .where(state_table.c.job_id == bindparam("job"))
+        .values({name: bindparam(f"new_{name}") for name in columns})
+    )
 
 
 def record_failure(
@@ -321,7 +343,7 @@ def record_failure(
 ) -> None:
     """Note a failed attempt on the job's state row; its events stay as they were."""
     now = now or datetime.now(UTC)
-    connection.execute(_ensure_state(connection, job_id))
+    _ensure_state(connection, job_id)
     _update_state(
         connection,
         job_id,
@@ -334,7 +356,7 @@ def set_tracked(connection: Connection, job_ids: Sequence[str], *, tracked: bool
     changed = []
     for job_id in job_ids:
         if tracked:
-            connection.execute(_ensure_state(connection, job_id))
+            _ensure_state(connection, job_id)
         result = connection.execute(
             update(state_table)
             .where(state_table.c.job_id == job_id, state_table.c.tracked.is_not(tracked))

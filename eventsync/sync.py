@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -61,6 +62,17 @@ class PassResult:
     @property
     def new(self) -> int:
         return sum(o.new for o in self.outcomes)
+
+
+def tune_gc() -> None:
+    """Make the cyclic garbage collector fit a pass. A cold pass of 100 jobs x 1,000 events
+    allocates about 340,000 short-lived containers; at CPython's default gen-0 threshold of
+    700 the collector ran 530 times and took 0.77 s of a 6 s pass, rescanning the objects
+    each worker holds. At 10,000 it runs a few times (0.02 s). Objects that exist at start
+    (modules, schemas) are frozen out of its scans. Garbage without cycles is freed at once
+    either way, so memory does not grow."""
+    gc.freeze()
+    gc.set_threshold(10_000, 20, 20)
 
 
 def plan_jobs(
