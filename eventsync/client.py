@@ -181,7 +181,7 @@ class TogetherClient:
             ):
                 with attempt:
                     self._wait_for_gate()
-                    return read(self._fetch(path, what=what).content)
+                    return read(self._fetch(path, what=what))
         except EventsyncError as error:
             raise self._masked(error) from None
         raise AssertionError("unreachable: stamina either returns or raises")
@@ -229,25 +229,30 @@ class TogetherClient:
                 error.api_message = error.api_message.replace(self._secret, "***")
         return error
 
-    def _fetch(self, path: str, *, what: str) -> httpx.Response:
+    def _fetch(self, path: str, *, what: str) -> bytes:
+        """GET the body. It is streamed and joined here rather than kept on the Response:
+        httpx 0.28 holds every Response in a reference cycle with its stream (encode/httpx
+        PR 3733), so a body stored on it lives until the cyclic collector runs; with 400 jobs
+        that was 36 MB more at peak."""
         try:
-            response = self.http.get(path)
+            with self.http.stream("GET", path) as response:
+                if response.is_redirect:
+                    location = response.headers.get("location", "?")
+                    raise ApiStatusError(
+                        f"{what}: HTTP {response.status_code} redirect to {location}; "
+                        "check TOGETHER_BASE_URL (https://api.together.ai)",
+                        status_code=response.status_code,
+                    )
+                if response.status_code >= 400:
+                    response.read()
+                    raise _status_error(response, what)
+                return b"".join(response.iter_bytes())
         except httpx.TimeoutException as exc:
             raise TransportError(
                 f"{what}: network error: timed out ({type(exc).__name__})"
             ) from None
         except httpx.HTTPError as exc:
             raise TransportError(f"{what}: network error: {type(exc).__name__}: {exc}") from None
-        if response.is_redirect:
-            location = response.headers.get("location", "?")
-            raise ApiStatusError(
-                f"{what}: HTTP {response.status_code} redirect to {location}; "
-                "check TOGETHER_BASE_URL (https://api.together.ai)",
-                status_code=response.status_code,
-            )
-        if response.status_code >= 400:
-            raise _status_error(response, what)
-        return response
 
 
 def _decode(content: bytes, what: str) -> Any:

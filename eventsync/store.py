@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -219,35 +219,42 @@ def _upsert(
     if not rows:
         return
     if connection.dialect.name == "sqlite":
-        # SQLite keeps times as text, in the form SQLAlchemy's DATETIME reads back.
-        now = _sqlite_time(updated_at)
-        _sqlite_upsert(
-            connection,
-            [(job_id, seq, *row[:-1], _sqlite_time(row[-1]), now) for seq, row in rows],
-        )
-        return
-    values = [(job_id, seq, *row, updated_at) for seq, row in rows]
-    if len(values) >= _COPY_THRESHOLD:
-        _copy_upsert(connection, values)
+        _sqlite_upsert(connection, job_id, rows, updated_at)
+    elif len(rows) >= _COPY_THRESHOLD:
+        _copy_upsert(connection, ((job_id, seq, *row, updated_at) for seq, row in rows))
     else:  # psycopg takes named parameters
-        named = [dict(zip(_UPSERT_COLUMNS, row, strict=True)) for row in values]
+        named = [
+            dict(zip(_UPSERT_COLUMNS, (job_id, seq, *row, updated_at), strict=True))
+            for seq, row in rows
+        ]
         connection.exec_driver_sql(_upsert_sql(connection), named)
 
 
-def _sqlite_upsert(connection: Connection, values: list[tuple[Any, ...]]) -> None:
+def _sqlite_upsert(
+    connection: Connection,
+    job_id: str,
+    rows: Sequence[tuple[int, EventRow]],
+    updated_at: datetime | None,
+) -> None:
     """Multi-row VALUES statements, each as many rows as a power of two, so that a handful of
     statement texts serve every job. sqlite3's executemany releases the GIL around every
     row, and each row then waits for a busy thread to hand it back (up to 5 ms): with the
-    other workers parsing, one statement per few hundred rows was 200 times faster."""
+    other workers parsing, one statement per few hundred rows was 200 times faster. The
+    parameters are built one statement at a time, so a large job never has them all."""
     driver = connection.connection.driver_connection
     assert driver is not None
     widest = _widest_statement(driver.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER))
     single = _upsert_sql(connection)
+    # SQLite keeps times as text, in the form SQLAlchemy's DATETIME reads back.
+    now = _sqlite_time(updated_at)
     start = 0
-    while start < len(values):
-        size = min(widest, 1 << ((len(values) - start).bit_length() - 1))
-        chunk = values[start : start + size]
-        connection.exec_driver_sql(_multi_row(single, size), tuple(chain.from_iterable(chunk)))
+    while start < len(rows):
+        size = min(widest, 1 << ((len(rows) - start).bit_length() - 1))
+        params = chain.from_iterable(
+            (job_id, seq, *row[:-1], _sqlite_time(row[-1]), now)
+            for seq, row in rows[start : start + size]
+        )
+        connection.exec_driver_sql(_multi_row(single, size), tuple(params))
         start += size
 
 
@@ -271,7 +278,7 @@ _COPY_THRESHOLD = 200
 _INCOMING = "eventsync_incoming"
 
 
-def _copy_upsert(connection: Connection, rows: list[tuple[Any, ...]]) -> None:
+def _copy_upsert(connection: Connection, rows: Iterable[tuple[Any, ...]]) -> None:
     """Postgres: COPY the rows into a temporary table, then one INSERT ... SELECT ... ON
     CONFLICT: the bulk path, several times faster than row-by-row inserts."""
     columns = ", ".join(_UPSERT_COLUMNS)
