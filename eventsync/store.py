@@ -62,11 +62,9 @@ class SaveResult:
     finished_now: bool = False
 
 
-def _insert(connection: Connection, table: Any) -> Any:
+def _insert(dialect: str, table: Any) -> Any:
     """The dialect's INSERT, which knows ON CONFLICT."""
-    if connection.dialect.name == "postgresql":
-        return postgresql.insert(table)
-    return sqlite.insert(table)
+    return (postgresql if dialect == "postgresql" else sqlite).insert(table)
 
 
 def list_fingerprint(parsed: ParsedEvents) -> str:
@@ -102,7 +100,7 @@ def _ensure_state(connection: Connection, job_id: str) -> None:
 
 @lru_cache(maxsize=4)
 def _ensure_state_sql(dialect: str) -> Insert:
-    stmt: Any = (postgresql if dialect == "postgresql" else sqlite).insert(state_table)
+    stmt: Any = _insert(dialect, state_table)
     return stmt.on_conflict_do_nothing(index_elements=["job_id"])  # type: ignore[no-any-return]
 
 
@@ -184,16 +182,17 @@ _UPSERT_COLUMNS = ("job_id", "seq", *_CONTENT_COLUMNS)
 _COMPILED: dict[str, str] = {}
 
 
-def _upsert_sql(connection: Connection, source: Any = None) -> str:
+def _upsert_sql(connection: Connection, *, from_incoming: bool = False) -> str:
     """The dialect's INSERT ... ON CONFLICT (job_id, hash) DO UPDATE ... WHERE the content
     differs, built by SQLAlchemy once per dialect, its columns in _UPSERT_COLUMNS order. With
-    `source` (a SELECT), the rows come from it rather than from parameters."""
-    key = connection.dialect.name + ("+select" if source is not None else "")
+    `from_incoming`, the rows come from the COPY's temporary table rather than parameters."""
+    key = connection.dialect.name + ("+incoming" if from_incoming else "")
     if key not in _COMPILED:
         target = table(events_table.name, *(column(name) for name in _UPSERT_COLUMNS))
-        stmt: Any = _insert(connection, target)
-        if source is not None:
-            stmt = stmt.from_select(list(_UPSERT_COLUMNS), source)
+        stmt: Any = _insert(connection.dialect.name, target)
+        if from_incoming:
+            incoming = table(_INCOMING, *(column(name) for name in _UPSERT_COLUMNS))
+            stmt = stmt.from_select(list(_UPSERT_COLUMNS), select(*incoming.c))
         excluded = stmt.excluded
         stmt = stmt.on_conflict_do_update(
             index_elements=["job_id", "hash"],
@@ -201,7 +200,7 @@ def _upsert_sql(connection: Connection, source: Any = None) -> str:
             where=target.c.content_hash != excluded.content_hash,
         )
         compiled = stmt.compile(dialect=connection.dialect, column_keys=list(_UPSERT_COLUMNS))
-        if source is None and compiled.positional:
+        if not from_incoming and compiled.positional:
             assert tuple(compiled.positiontup or ()) == _UPSERT_COLUMNS
         _COMPILED[key] = str(compiled)
     return _COMPILED[key]
@@ -291,18 +290,13 @@ def _copy_upsert(connection: Connection, rows: Iterable[tuple[Any, ...]]) -> Non
     with driver.cursor() as cursor, cursor.copy(f"COPY {_INCOMING} ({columns}) FROM STDIN") as copy:
         for row in rows:
             copy.write_row(row)
-    incoming = table(_INCOMING, *(column(name) for name in _UPSERT_COLUMNS))
-    connection.exec_driver_sql(_upsert_sql(connection, select(*incoming.c)))
+    connection.exec_driver_sql(_upsert_sql(connection, from_incoming=True))
 
 
 def _sqlite_time(value: datetime | None) -> str | None:
-    """SQLAlchemy's SQLite DATETIME text, so the model reads it back unchanged. Values are
-    UTC already (events.parse_created_at, datetime.now(UTC))."""
-    if value is None:
-        return None
-    if value.utcoffset():
-        value = value.astimezone(UTC)
-    return value.isoformat(" ", "microseconds")[:26]
+    """SQLAlchemy's SQLite DATETIME text, so the model reads it back unchanged. Every value
+    is UTC already (events.parse_created_at, datetime.now(UTC)): the offset is cut off."""
+    return None if value is None else value.isoformat(" ", "microseconds")[:26]
 
 
 def mark_unchanged(
