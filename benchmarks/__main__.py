@@ -222,7 +222,6 @@ def bench_database(
             f"{wide / ideal:.2f}x ideal",
         )
     )
-    server.latency = 0  # type: ignore[attr-defined]
     if peers:
         rows += bench_peers(kind, size, runs, dbs, server, cold, steady, wide)
     return rows

@@ -33,8 +33,6 @@ def _serve(conn: Connection) -> None:
         elif command == "truncate":
             for job_id, job in list(fake.jobs.items()):
                 fake.set_events(job_id, job.events[: args[0]])
-        elif command == "latency":
-            fake.latency = args[0]
         # Serialise each job's body now, outside the timed window: what the server costs is
         # not what is measured, and a cached body costs it nothing in every scenario alike.
         for job in fake.jobs.values():
