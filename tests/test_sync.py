@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import Engine, select, text
+from sqlalchemy import Engine, func, select, text
 
 from eventsync.fakeapi import FakeTogether, make_event
 from eventsync.models import events_table, state_table
@@ -243,3 +243,59 @@ def test_large_lists_take_the_bulk_path_with_the_same_results(
     rows = stored(engine, "ft-big")
     assert [r[0] for r in rows] == list(range(1, 601))
     assert [r[2] for r in rows] == [e["message"] for e in edited]
+
+
+def test_bulk_new_rows_match_rows_stored_in_small_batches(
+    fake: FakeTogether, engine: Engine
+) -> None:
+    """The same 600 events, stored at once (COPY straight into the table on Postgres) and
+    100 at a time (the upsert): every column but the job and the arrival time is equal."""
+    events = [
+        make_event("ft-src", i, generation="2026-08" if i % 3 else "2026-04") for i in range(600)
+    ]
+    events[7]["message"] = "NUL \x00 and emoji \U0001f600"  # repaired and escaped the same way
+    events[8]["step"] = "12"  # coerced the same way
+    fake.add_job("ft-at-once", events=events)
+    fake.add_job("ft-in-steps", events=events[:100])
+    assert sync_pass(fake, engine, ["ft-at-once"]).outcomes[0].new == 600
+    for end in range(100, 700, 100):
+        fake.set_events("ft-in-steps", events[:end])
+        assert sync_pass(fake, engine, ["ft-in-steps"]).outcomes[0].new == 100
+    skip = {"id", "job_id", "first_seen_at"}
+    columns = [c for c in events_table.c if c.name not in skip]
+
+    def rows(job_id: str) -> list[tuple[object, ...]]:
+        query = select(*columns).where(events_table.c.job_id == job_id).order_by(events_table.c.seq)
+        with engine.connect() as conn:
+            return [tuple(r) for r in conn.execute(query)]
+
+    at_once, in_steps = rows("ft-at-once"), rows("ft-in-steps")
+    assert len(at_once) == 600
+    assert at_once == in_steps
+
+
+def test_new_events_after_stored_ones_take_the_bulk_path(
+    fake: FakeTogether, engine: Engine
+) -> None:
+    """A full re-read (the first event was edited) with 300 new events behind 300 stored ones:
+    one update, 300 inserts numbered on from the stored ones, each with its arrival time."""
+    events = [make_event("ft-big", i) for i in range(600)]
+    fake.add_job("ft-big", events=events[:300])
+    sync_pass(fake, engine, ["ft-big"])
+    fake.set_events("ft-big", [dict(events[0], message="edited"), *events[1:]])
+    install_write_counter(engine)
+    outcome = sync_pass(fake, engine, ["ft-big"]).outcomes[0]
+    assert (outcome.new, outcome.updated, outcome.total) == (300, 1, 600)
+    assert writes(engine) == {"UPDATE": 1, "INSERT": 300}
+    rows = stored(engine, "ft-big")
+    assert [r[1] for r in rows] == [e["hash"] for e in events]
+    assert [r[0] for r in rows] == list(range(1, 601))
+    assert rows[0][2] == "edited"
+    with engine.connect() as conn:
+        ids, arrived = conn.execute(
+            select(
+                func.count(func.distinct(events_table.c.id)),
+                func.count(events_table.c.first_seen_at),
+            ).where(events_table.c.job_id == "ft-big")
+        ).one()
+    assert (ids, arrived) == (600, 600)
