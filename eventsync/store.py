@@ -13,9 +13,6 @@ from functools import lru_cache
 from itertools import chain
 from typing import Any
 
-from psycopg.adapt import Dumper
-from psycopg.postgres import types as postgres_types
-from psycopg.pq import Format
 from sqlalchemy import (
     Connection,
     Engine,
@@ -312,22 +309,30 @@ def _copy(connection: Connection, table_name: str, rows: Iterable[tuple[Any, ...
     types = _copy_types(connection)
     statement = f"COPY {table_name} ({', '.join(_UPSERT_COLUMNS)}) FROM STDIN (FORMAT BINARY)"
     with driver.cursor() as cursor:
-        cursor.adapters.register_dumper(None, _JsonbText)
+        cursor.adapters.register_dumper(None, _jsonb_text())
         with cursor.copy(statement) as copy:
             copy.set_types(types)
             for row in rows:
                 copy.write_row(row)
 
 
-class _JsonbText(Dumper):
-    """JSON text (raw, repairs) as it is, in jsonb's binary form: a version byte, then the
-    text. psycopg's own jsonb dumper would encode the text again as a JSON string."""
+@lru_cache(maxsize=1)
+def _jsonb_text() -> type:
+    """A psycopg dumper for JSON text (raw, repairs) as it is, in jsonb's binary form: a
+    version byte, then the text. psycopg's own would encode the text again as a JSON
+    string. Built on first use, so that SQLite users never load psycopg (8 MB)."""
+    from psycopg.adapt import Dumper
+    from psycopg.postgres import types
+    from psycopg.pq import Format
 
-    format = Format.BINARY
-    oid = postgres_types["jsonb"].oid
+    class JsonbText(Dumper):
+        format = Format.BINARY
+        oid = types["jsonb"].oid
 
-    def dump(self, obj: str) -> bytes:
-        return b"\x01" + obj.encode()
+        def dump(self, obj: str) -> bytes:
+            return b"\x01" + obj.encode()
+
+    return JsonbText
 
 
 def _copy_types(connection: Connection) -> list[int]:
