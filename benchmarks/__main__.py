@@ -109,6 +109,11 @@ def med(values: list[float]) -> float:
     return statistics.median(values)
 
 
+def spread(values: list[float]) -> str:
+    """The runs' range, for judging the noise of a shared machine."""
+    return f"{min(values):.2f}-{max(values):.2f} s"
+
+
 def bench_database(
     kind: str, size: Size, runs: int, dbs: Databases, server: Server, peers: bool
 ) -> list[Row]:
@@ -160,7 +165,8 @@ def bench_database(
             ratio,
             "floor/eventsync >= 0.67",
             ratio >= 0.67,
-            f"{size.jobs} jobs x {size.events} events",
+            f"{size.jobs} jobs x {size.events} events; runs: eventsync {spread(cold_es)}, "
+            f"floor {spread(cold_floor)}",
         )
     )
     steady = med(steady_es)
