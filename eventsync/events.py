@@ -110,6 +110,7 @@ class _EventColumns(TypedDict, total=False):
     created_at: Any
 
 
+assert tuple(_EventColumns.__annotations__) == EVENT_FIELDS  # one field list, two typings
 _EVENTS = TypeAdapter(list[_EventColumns])
 # Indexed text columns (hash, type) are capped well below Postgres' btree limit (~2.7 kB).
 _INDEX_LIMIT = 512
@@ -294,9 +295,8 @@ def _sha256(text: str) -> str:
 
 
 def _needs_escape(canonical: bytes) -> bool:
-    """True for the surrogates that only the stdlib fallback of canonical_json lets through."""
-    if canonical.isascii():
-        return False
+    """True for the surrogates that only the stdlib fallback of canonical_json lets through.
+    The caller has ruled out ASCII text, which has none."""
     try:
         canonical.decode("utf-8")
     except UnicodeDecodeError:

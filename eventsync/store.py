@@ -213,7 +213,7 @@ def _insert_new(connection: Connection, job_id: str, rows: Sequence[tuple[int, E
     pass of 100 x 1,000 events: 2.56 -> 2.20 s). Elsewhere they take the upsert, which costs
     SQLite no more than a plain INSERT."""
     if connection.dialect.name == "postgresql" and len(rows) >= _COPY_THRESHOLD:
-        _copy(connection, events_table.name, ((job_id, seq, *row, None) for seq, row in rows))
+        _copy(connection, events_table.name, _driver_rows(job_id, rows, None))
     else:
         _upsert(connection, job_id, rows, updated_at=None)
 
@@ -232,13 +232,20 @@ def _upsert(
     if connection.dialect.name == "sqlite":
         _sqlite_upsert(connection, job_id, rows, updated_at)
     elif len(rows) >= _COPY_THRESHOLD:
-        _copy_upsert(connection, ((job_id, seq, *row, updated_at) for seq, row in rows))
+        _copy_upsert(connection, _driver_rows(job_id, rows, updated_at))
     else:  # psycopg takes named parameters
         named = [
-            dict(zip(_UPSERT_COLUMNS, (job_id, seq, *row, updated_at), strict=True))
-            for seq, row in rows
+            dict(zip(_UPSERT_COLUMNS, values, strict=True))
+            for values in _driver_rows(job_id, rows, updated_at)
         ]
         connection.exec_driver_sql(_upsert_sql(connection), named)
+
+
+def _driver_rows(
+    job_id: str, rows: Sequence[tuple[int, EventRow]], updated_at: datetime | None
+) -> Iterator[tuple[Any, ...]]:
+    """(seq, row) pairs as the driver's rows, in _UPSERT_COLUMNS order (Postgres)."""
+    return ((job_id, seq, *row, updated_at) for seq, row in rows)
 
 
 def _sqlite_upsert(
