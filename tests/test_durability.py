@@ -118,7 +118,9 @@ def test_kill_9_at_any_moment(
         fake.add_job(
             f"ft-{i}", events=rng.randint(50, 300), generation=("2026-04", "2026-08")[i % 2]
         )
-    fake.latency = 0.01
+    # Slow enough per request (16 jobs, 4 at a time) that a pass outlasts most kill moments:
+    # at 10 ms a faster sync often finished before the kill and the test proved less.
+    fake.latency = 0.1
     history = {job_id: {0, len(job.events)} for job_id, job in fake.jobs.items()}
     killed = 0
     for _ in range(10):
