@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
+import sqlite3
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 from sqlalchemy import Engine, func, select, text
 
+from eventsync import db
 from eventsync.fakeapi import FakeTogether, make_event
 from eventsync.models import events_table, state_table
 from tests.helpers import fail_inserts_of, install_write_counter, sync_pass, writes
@@ -299,3 +303,32 @@ def test_new_events_after_stored_ones_take_the_bulk_path(
             ).where(events_table.c.job_id == "ft-big")
         ).one()
     assert (ids, arrived) == (600, 600)
+
+
+def test_a_large_write_is_checkpointed_into_the_sqlite_file(
+    fake: FakeTogether, tmp_path: Path
+) -> None:
+    """After a job of 1,200 events the database file itself holds them, not only the WAL:
+    eventsync checkpoints once the lock is released (SQLite's own checkpoint waits for
+    1,000 pages, about 3,000 of these events)."""
+    path = tmp_path / "events.db"
+    engine = db.make_engine(f"sqlite:///{path}")
+    db.upgrade(engine)
+    fake.add_job("ft-big", events=1200)
+    fake.add_job("ft-small", events=10)
+    try:
+        assert sync_pass(fake, engine, ["ft-big"]).ok
+        assert sync_pass(fake, engine, ["ft-small"]).ok
+        # The main file alone, as a copy without its WAL: what has been checkpointed.
+        copy = tmp_path / "main-file-only.db"
+        shutil.copyfile(path, copy)
+        with sqlite3.connect(copy) as conn:
+            tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master")}
+            counts = dict(conn.execute(_COUNT_BY_JOB).fetchall()) if _EVENTS in tables else {}
+    finally:
+        engine.dispose()
+    assert counts == {"ft-big": 1200}  # the small write stays in the WAL for later
+
+
+_EVENTS = events_table.name
+_COUNT_BY_JOB = f"SELECT job_id, count(*) FROM {_EVENTS} GROUP BY job_id"
