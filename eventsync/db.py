@@ -17,6 +17,7 @@ from alembic.script import ScriptDirectory
 from alembic.util import CommandError as AlembicError
 from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.pool import NullPool
 
 from eventsync.errors import ConfigError
 from eventsync.events import json_text
@@ -44,6 +45,13 @@ def make_engine(url: str, *, pool_size: int = 8) -> Engine:
         max_overflow=4,
         json_serializer=json_text,
     )
+
+
+def checkpoint_engine(engine: Engine) -> Engine:
+    """An engine on the same SQLite file for WAL checkpoints (store.write_transaction), on
+    connections of its own, opened for each one: a connection from the pool would also
+    write, and keep a second set of the large cached statements (12 MB more for 100 jobs)."""
+    return create_engine(engine.url, poolclass=NullPool, connect_args={"timeout": 30})
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

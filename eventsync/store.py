@@ -22,7 +22,6 @@ from sqlalchemy import (
     Update,
     bindparam,
     column,
-    create_engine,
     func,
     select,
     table,
@@ -30,10 +29,9 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import URL
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.pool import NullPool
 
+from eventsync.db import checkpoint_engine
 from eventsync.errors import first_line
 from eventsync.events import ROW_COLUMNS, EventRow, ParsedEvents
 from eventsync.models import events_table, state_table
@@ -45,15 +43,13 @@ _CONTENT_COLUMNS = (*ROW_COLUMNS, "updated_at")
 
 
 class _SqliteWriter:
-    """The one writer of a SQLite file within this process, the rows it wrote since the last
-    checkpoint, and a pool-less engine that checkpoints on connections of its own: a pooled
-    connection would write too, and keep a second set of large cached statements (12 MB
-    more for 100 jobs)."""
+    """The one writer of a SQLite file within this process, the rows written since the last
+    checkpoint, and the engine that checkpoints (db.checkpoint_engine)."""
 
-    def __init__(self, url: URL) -> None:
+    def __init__(self, engine: Engine) -> None:
         self.lock = threading.Lock()
         self.unchecked = 0
-        self.checkpoints = create_engine(url, poolclass=NullPool)
+        self.checkpoints = checkpoint_engine(engine)
 
 
 _SQLITE_WRITERS: dict[str, _SqliteWriter] = {}
@@ -68,23 +64,25 @@ def write_transaction(engine: Engine) -> Iterator[Connection]:
     100 ms. Other processes still wait on the busy timeout.
 
     SQLite's own checkpoint runs inside the commit that fills the WAL, while the lock is
-    held; a thread that wrote many rows checkpoints after releasing it instead, beside the
-    next writer (a cold pass of 100 x 1,000 events: 1.85 -> 1.76 s). The automatic one stays
-    for what writes little."""
+    held. Instead, the commit that brings the rows written since the last checkpoint past
+    1,000 is followed by one after the lock is released, beside the next writer (a cold pass
+    of 100 x 1,000 events: 1.85 -> 1.76 s). The automatic one stays for what writes little."""
     if engine.dialect.name != "sqlite":
         with engine.begin() as connection:
             yield connection
         return
     writer = _SQLITE_WRITERS.get(str(engine.url))
     if writer is None:
-        writer = _SQLITE_WRITERS.setdefault(str(engine.url), _SqliteWriter(engine.url))
+        writer = _SQLITE_WRITERS.setdefault(str(engine.url), _SqliteWriter(engine))
     # The lock before the connection: a thread waiting for it holds no connection.
-    with writer.lock, engine.begin() as connection:
-        driver = connection.connection.driver_connection
-        assert driver is not None
-        before = driver.total_changes
-        yield connection
-        writer.unchecked += driver.total_changes - before
+    with writer.lock:
+        with engine.begin() as connection:
+            driver = connection.connection.driver_connection
+            assert driver is not None
+            before = driver.total_changes
+            yield connection
+            written = driver.total_changes - before
+        writer.unchecked += written  # committed
         due = writer.unchecked >= _CHECKPOINT_ROWS
         if due:
             writer.unchecked = 0
@@ -99,7 +97,7 @@ def _checkpoint(engine: Engine) -> None:
         with engine.connect() as connection:
             connection.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)")
     except SQLAlchemyError as exc:
-        log.debug("checkpoint skipped: %s", first_line(exc))
+        log.warning("could not checkpoint the SQLite WAL: %s", first_line(exc))
 
 
 @dataclass(frozen=True)
@@ -336,7 +334,8 @@ _JUST_NONE = {None}
 def _null_columns(rows: Sequence[EventRow]) -> tuple[int, ...]:
     """The EventRow fields (but created_at) that are None in every row. They are written as
     NULL in the statement's text: sqlite3 looks up an adapter for each None it binds, which
-    made the five a 2026-04 event leaves empty cost as much as the other 18 values."""
+    made the five values a new 2026-04 event leaves empty (four fields and updated_at) cost
+    as much as the other 18."""
     first = rows[0]
     return tuple(
         i

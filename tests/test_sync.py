@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import sqlite3
+from contextlib import closing
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -308,9 +309,7 @@ def test_new_events_after_stored_ones_take_the_bulk_path(
 def test_a_large_write_is_checkpointed_into_the_sqlite_file(
     fake: FakeTogether, tmp_path: Path
 ) -> None:
-    """After a job of 1,200 events the database file itself holds them, not only the WAL:
-    eventsync checkpoints once the lock is released (SQLite's own checkpoint waits for
-    1,000 pages, about 3,000 of these events)."""
+    """After a 1,200-event job the database file itself holds the rows, not only the WAL."""
     path = tmp_path / "events.db"
     engine = db.make_engine(f"sqlite:///{path}")
     db.upgrade(engine)
@@ -322,7 +321,7 @@ def test_a_large_write_is_checkpointed_into_the_sqlite_file(
         # The main file alone, as a copy without its WAL: what has been checkpointed.
         copy = tmp_path / "main-file-only.db"
         shutil.copyfile(path, copy)
-        with sqlite3.connect(copy) as conn:
+        with closing(sqlite3.connect(copy)) as conn:
             tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master")}
             counts = dict(conn.execute(_COUNT_BY_JOB).fetchall()) if _EVENTS in tables else {}
     finally:
