@@ -211,22 +211,33 @@ def test_postgres_backends_terminated_mid_pass(
 
     settings = make_settings(fake, db_url, all_jobs=True, concurrency=4)
     thread = threading.Thread(target=terminator)
-    with make_http_client(settings) as http:
-        daemon = Daemon(settings, engine=engine, http=http, metrics=Metrics())
-        thread.start()
-        for _ in range(4):
-            fake.add_events("ft-0", 5)
-            daemon.run_pass()  # never raises, whatever the database does
+    try:
+        with make_http_client(settings) as http:
+            daemon = Daemon(settings, engine=engine, http=http, metrics=Metrics())
+            database_errors = daemon.metrics.errors.labels("database")
+            thread.start()
+            # Passes go on, each writing to every job, until a kill has landed mid-write: a
+            # kill of an idle pooled connection is only seen (and healed) by the pool's ping.
+            passes, deadline = 0, time.monotonic() + 30
+            while passes < 4 or (database_errors._value.get() < 1 and time.monotonic() < deadline):
+                for i in range(10):
+                    fake.add_events(f"ft-{i}", 20)
+                daemon.run_pass()  # never raises, whatever the database does
+                passes += 1
+            stop.set()
+            thread.join()
+            assert sum(terminated) >= 3, "backends should have been terminated mid-pass"
+            assert database_errors._value.get() >= 1
+            fake.latency = 0
+            result = daemon.run_pass()
+        assert result is not None
+        assert result.ok
+        assert_exact(engine, fake)
+    finally:
         stop.set()
-        thread.join()
-        assert sum(terminated) >= 3, "backends should have been terminated mid-pass"
-        assert daemon.metrics.errors.labels("database")._value.get() >= 1
-        fake.latency = 0
-        result = daemon.run_pass()
-    assert result is not None
-    assert result.ok
-    assert_exact(engine, fake)
-    engine.dispose()
+        if thread.is_alive():
+            thread.join()
+        engine.dispose()
 
 
 def test_sigterm_while_waiting_to_migrate_exits_at_once(
