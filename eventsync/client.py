@@ -264,9 +264,9 @@ def _decode(content: bytes, what: str) -> Any:
 
 def loads(content: bytes) -> Any:
     """JSON as the stdlib reads it, with NaN/Infinity kept as their spelling (JSON columns
-    can't hold them as floats). pydantic's parser (jiter) reads it in 60% of the time and
-    gives the same values, big integers included; what it refuses (NaN, lone surrogates, a
-    byte-order mark) goes to the stdlib."""
+    can't hold them as floats). pydantic's parser (jiter) reads it in 76% of the time and
+    gives the same values, big integers included (orjson, faster, makes those floats); what
+    it refuses (NaN, lone surrogates, a byte-order mark) goes to the stdlib."""
     try:
         return pydantic_core.from_json(content, allow_inf_nan=False)
     except ValueError:

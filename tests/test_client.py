@@ -7,8 +7,10 @@ import re
 
 import httpx
 import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
 
-from eventsync.client import TogetherClient, make_http_client
+from eventsync.client import TogetherClient, loads, make_http_client
 from eventsync.config import api_root
 from eventsync.errors import (
     ApiStatusError,
@@ -157,6 +159,26 @@ def test_nan_in_a_payload_is_kept_as_text(fake: FakeTogether, http_client: httpx
     events = TogetherClient(http_client, FAST_RETRY).job_events("ft-1").events
     assert events is not None
     assert events[0]["early_stopping_best_metric_value"] == "NaN"
+
+
+JSON_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()  # unbounded: beyond 64 bits too
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda inner: st.lists(inner) | st.dictionaries(st.text(), inner),
+    max_leaves=20,
+)
+
+
+@given(JSON_VALUES)
+@example({"step": 123456789012345678901234567890, "token_count": -(2**64) - 1, "x": 1e308})
+def test_the_fast_decoder_gives_the_stdlib_values(value: object) -> None:
+    """Whatever the decoder, any JSON reads as the stdlib reads it, big integers included."""
+    body = json.dumps(value).encode()
+    # Compared as JSON text, so an integer read back as a float (1e+29) counts as a change.
+    assert json.dumps(loads(body)) == json.dumps(json.loads(body))
 
 
 def test_a_listing_404_means_a_wrong_base_url(fake: FakeTogether) -> None:
