@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 
 # Serialises migrations between processes that start together (Postgres advisory lock key).
 MIGRATION_LOCK_KEY = 0x6576_656E_7473  # "events"
+# How long a SQLite connection waits for another process's write lock.
+_SQLITE_BUSY_SECONDS = 30
 
 
 def make_engine(url: str, *, pool_size: int = 8) -> Engine:
@@ -35,7 +37,9 @@ def make_engine(url: str, *, pool_size: int = 8) -> Engine:
         database = parsed.database
         if database and database != ":memory:":
             Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(parsed, connect_args={"timeout": 30}, json_serializer=json_text)
+        engine = create_engine(
+            parsed, connect_args={"timeout": _SQLITE_BUSY_SECONDS}, json_serializer=json_text
+        )
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
     return create_engine(
@@ -51,7 +55,9 @@ def checkpoint_engine(engine: Engine) -> Engine:
     """An engine on the same SQLite file for WAL checkpoints (store.write_transaction), on
     connections of its own, opened for each one: a connection from the pool would also
     write, and keep a second set of the large cached statements (12 MB more for 100 jobs)."""
-    return create_engine(engine.url, poolclass=NullPool, connect_args={"timeout": 30})
+    return create_engine(
+        engine.url, poolclass=NullPool, connect_args={"timeout": _SQLITE_BUSY_SECONDS}
+    )
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -59,7 +65,7 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     # WAL lets `sqlite3 eventsync.db` read while a sync writes; the busy timeout makes
     # concurrent writers wait instead of failing.
     cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute(f"PRAGMA busy_timeout={_SQLITE_BUSY_SECONDS * 1000}")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.close()
 

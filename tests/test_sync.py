@@ -319,15 +319,12 @@ def test_a_large_write_is_checkpointed_into_the_sqlite_file(
         assert sync_pass(fake, engine, ["ft-big"]).ok
         assert sync_pass(fake, engine, ["ft-small"]).ok
         # The main file alone, as a copy without its WAL: what has been checkpointed.
-        copy = tmp_path / "main-file-only.db"
+        copy, events = tmp_path / "main-file-only.db", events_table.name
         shutil.copyfile(path, copy)
         with closing(sqlite3.connect(copy)) as conn:
             tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master")}
-            counts = dict(conn.execute(_COUNT_BY_JOB).fetchall()) if _EVENTS in tables else {}
+            count_by_job = f"SELECT job_id, count(*) FROM {events} GROUP BY job_id"
+            counts = dict(conn.execute(count_by_job).fetchall()) if events in tables else {}
     finally:
         engine.dispose()
     assert counts == {"ft-big": 1200}  # the small write stays in the WAL for later
-
-
-_EVENTS = events_table.name
-_COUNT_BY_JOB = f"SELECT job_id, count(*) FROM {_EVENTS} GROUP BY job_id"
