@@ -218,6 +218,14 @@ def sync(
     database_url: DatabaseUrl = None,
     base_url: BaseUrl = None,
     concurrency: Concurrency = None,
+    full: Annotated[
+        bool,
+        typer.Option(
+            "--full",
+            help="Compare every fetched event with what is stored, even when a job's events "
+            "look unchanged since the last sync (finds and stores again rows deleted by hand).",
+        ),
+    ] = False,
     log_format: LogFormat = None,
     verbose: Verbose = False,
 ) -> None:
@@ -242,7 +250,9 @@ def sync(
         db.ensure_schema(engine)
         client = TogetherClient(http, RetryPolicy.from_settings(settings))
         try:
-            jobs = plan_jobs(client, engine, settings.job_ids, all_jobs=settings.all_jobs)
+            jobs = plan_jobs(
+                client, engine, settings.job_ids, all_jobs=settings.all_jobs, full=full
+            )
         except EventsyncError as exc:
             fail(f"could not list jobs: {exc}")
         if not jobs:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import email.utils
-import hashlib
-import json
 import logging
 import threading
 import time
@@ -15,7 +13,6 @@ from typing import Any, TypeVar
 from urllib.parse import quote
 
 import httpx
-import pydantic_core
 import stamina
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -30,14 +27,11 @@ from eventsync.errors import (
     PayloadError,
     TransportError,
 )
+from eventsync.jsonio import decode
 
 log = logging.getLogger(__name__)
 
 TERMINAL_STATUSES = frozenset({"completed", "cancelled", "error", "user_error"})
-
-
-class _EventList(BaseModel):
-    data: list[Any]
 
 
 class _Job(BaseModel):
@@ -59,19 +53,7 @@ T = TypeVar("T")
 class Job:
     id: str
     status: str | None
-    # Fingerprint of the events body last stored for this job, if any (see job_events).
-    fingerprint: str | None = None
     model: str | None = None
-
-
-@dataclass(frozen=True)
-class Events:
-    """A job's events: all of them, only the ones after those already stored (`appended`),
-    or None when the body is the one already stored; and the body's fingerprint."""
-
-    events: list[Any] | None
-    fingerprint: str
-    appended: bool = False
 
 
 def make_http_client(settings: Settings, **kwargs: Any) -> httpx.Client:
@@ -149,19 +131,10 @@ class TogetherClient:
         job = self._parsed(f"/fine-tunes/{_path_id(job_id)}", _Job, what=f"job {job_id}")
         return Job(id=job.id, status=job.status, model=job.model)
 
-    def job_events(self, job_id: str, *, known: str | None = None) -> Events:
-        """The job's whole event list, as decoded JSON objects, in the server's order.
-
-        `known` is the fingerprint of the body last stored (Events.fingerprint). A body equal
-        to it is not decoded at all (`events` is None); a body that only appends to it has
-        just its new tail decoded (`appended` is True).
-        """
-        what = f"job {job_id}"
-        return self._get(
-            f"/fine-tunes/{_path_id(job_id)}/events",
-            lambda content: read_events(content, known, what),
-            what=what,
-        )
+    def job_events(self, job_id: str, read: Callable[[bytes], T]) -> T:
+        """The job's events body, as `read` reads it. A PayloadError from `read` (a body
+        that isn't the JSON it should be) counts as a failed try, like a network error."""
+        return self._get(f"/fine-tunes/{_path_id(job_id)}/events", read, what=f"job {job_id}")
 
     def _parsed(self, path: str, shape: type[Shape], *, what: str) -> Shape:
         return self._get(path, lambda content: _validated(shape, content, what), what=what)
@@ -255,81 +228,17 @@ class TogetherClient:
             raise TransportError(f"{what}: network error: {type(exc).__name__}: {exc}") from None
 
 
-def _decode(content: bytes, what: str) -> Any:
-    try:
-        return loads(content)
-    except ValueError as exc:
-        raise PayloadError(f"{what}: bad payload: body is not JSON ({exc})") from None
-
-
-def loads(content: bytes) -> Any:
-    """JSON as the stdlib reads it, with NaN/Infinity kept as their spelling (JSON columns
-    can't hold them as floats). pydantic's parser (jiter) reads it in 76% of the time and
-    gives the same values, big integers included (orjson, faster, makes those floats); what
-    it refuses (NaN, lone surrogates, a byte-order mark) goes to the stdlib."""
-    try:
-        return pydantic_core.from_json(content, allow_inf_nan=False)
-    except ValueError:
-        return json.loads(content, parse_constant=str)
-
-
 def _validated(shape: type[Shape], content: bytes, what: str) -> Shape:
     try:
-        return shape.model_validate(_decode(content, what))
+        value = decode(content).value
+    except ValueError as exc:
+        raise PayloadError(f"{what}: bad payload: body is not JSON ({exc})") from None
+    try:
+        return shape.model_validate(value)
     except ValidationError as exc:
         raise PayloadError(
             f"{what}: bad payload: unexpected shape ({_first_problem(exc)})"
         ) from None
-
-
-def read_events(content: bytes, known: str | None, what: str) -> Events:
-    """The events of a body, decoding no more of it than the last stored body doesn't cover.
-
-    A fingerprint is "v1 FULL END PREFIX": the sha256 of the whole body, the offset of the
-    list's closing bracket, and the sha256 of the bytes before it. A new body whose first END
-    bytes hash to PREFIX holds the same events plus whatever follows; only that is decoded.
-    """
-    end = max(content.rfind(b"]"), 0)
-    known_full = known_prefix = None
-    known_end = 0
-    if known and known.startswith("v1 "):
-        _, known_full, known_end_text, known_prefix = known.split(" ")
-        known_end = int(known_end_text)
-    hasher = hashlib.sha256()
-    covered = 0  # bytes known to be those of the stored body
-    if 0 < known_end <= end:
-        hasher.update(content[:known_end])
-        if hasher.hexdigest() == known_prefix:
-            covered = known_end
-        else:
-            hasher = hashlib.sha256()
-    hasher.update(content[covered:end])
-    prefix = hasher.hexdigest()
-    hasher.update(content[end:])
-    full = hasher.hexdigest()
-    fingerprint = f"v1 {full} {end} {prefix}"
-    if full == known_full:
-        return Events(events=None, fingerprint=fingerprint)
-    if covered:
-        appended = _tail(content[covered:])
-        if appended is not None:
-            return Events(events=appended, fingerprint=fingerprint, appended=True)
-    return Events(events=_validated(_EventList, content, what).data, fingerprint=fingerprint)
-
-
-def _tail(rest: bytes) -> list[Any] | None:
-    """The events in `, {...}, {...}]}`: what follows the last stored event. None if that
-    isn't what it looks like (the caller then reads the whole body)."""
-    rest = rest.strip()
-    if not (rest.startswith(b",") and rest.endswith(b"]}")):
-        return None
-    try:
-        items = loads(b"[" + rest[1:-1])
-    except ValueError:
-        return None
-    if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
-        return None
-    return items
 
 
 def _path_id(job_id: str) -> str:

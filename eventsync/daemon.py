@@ -31,7 +31,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from eventsync.client import RetryPolicy, TogetherClient
 from eventsync.config import Settings
 from eventsync.errors import EventsyncError, first_line
-from eventsync.store import job_states
+from eventsync.state import job_states
 from eventsync.sync import PassResult, plan_jobs, run_pass
 
 log = logging.getLogger(__name__)
@@ -246,7 +246,7 @@ class Daemon:
                     outcome.total,
                     extra={"job_id": outcome.job_id, "new": outcome.new, "total": outcome.total},
                 )
-        self.metrics.set_job_states(self.engine, polled={job.id for job in jobs})
+        self.metrics.set_job_states(self.engine, polled={plan.job.id for plan in jobs})
         serious = [o for o in failed if o.error is not None and o.error.kind not in _JOB_PROBLEMS]
         if failed and len(failed) == len(result.outcomes):
             serious = failed  # not one job synced: that is the daemon's problem too

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,10 +18,11 @@ from alembic.script import ScriptDirectory
 from alembic.util import CommandError as AlembicError
 from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import NullPool
 
-from eventsync.errors import ConfigError
-from eventsync.events import json_text
+from eventsync.errors import ConfigError, first_line
+from eventsync.jsonio import column_text
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +40,7 @@ def make_engine(url: str, *, pool_size: int = 8) -> Engine:
         if database and database != ":memory:":
             Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(
-            parsed, connect_args={"timeout": _SQLITE_BUSY_SECONDS}, json_serializer=json_text
+            parsed, connect_args={"timeout": _SQLITE_BUSY_SECONDS}, json_serializer=column_text
         )
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
@@ -47,17 +49,69 @@ def make_engine(url: str, *, pool_size: int = 8) -> Engine:
         pool_pre_ping=True,
         pool_size=pool_size,
         max_overflow=4,
-        json_serializer=json_text,
+        json_serializer=column_text,
     )
 
 
-def checkpoint_engine(engine: Engine) -> Engine:
-    """An engine on the same SQLite file for WAL checkpoints (store.write_transaction), on
-    connections of its own, opened for each one: a connection from the pool would also
-    write, and keep a second set of the large cached statements (12 MB more for 100 jobs)."""
-    return create_engine(
-        engine.url, poolclass=NullPool, connect_args={"timeout": _SQLITE_BUSY_SECONDS}
-    )
+class _SqliteWriter:
+    """The one writer of a SQLite file within this process, the rows written since the last
+    checkpoint, and an engine of its own for checkpoints: its connections, opened for each
+    one, never write, so they never cache the large write statements."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.lock = threading.Lock()
+        self.unchecked = 0
+        self.checkpoints = create_engine(
+            engine.url, poolclass=NullPool, connect_args={"timeout": _SQLITE_BUSY_SECONDS}
+        )
+
+
+_SQLITE_WRITERS: dict[str, _SqliteWriter] = {}
+# Rows written before a checkpoint is run outside the write lock: about 1 MB of WAL.
+_CHECKPOINT_ROWS = 1000
+
+
+@contextmanager
+def write_transaction(engine: Engine) -> Iterator[Connection]:
+    """One write transaction. SQLite allows one writer per file: the threads of this process
+    queue on a lock rather than in SQLite's busy handler, which sleeps in steps of up to
+    100 ms. Other processes still wait on the busy timeout.
+
+    SQLite's own checkpoint runs inside the commit that fills the WAL, while the lock is
+    held; instead, the commit that brings the rows written since the last checkpoint past
+    _CHECKPOINT_ROWS is followed by one after the lock is released, beside the next writer.
+    The automatic one stays for what writes little."""
+    if engine.dialect.name != "sqlite":
+        with engine.begin() as connection:
+            yield connection
+        return
+    writer = _SQLITE_WRITERS.get(str(engine.url))
+    if writer is None:
+        writer = _SQLITE_WRITERS.setdefault(str(engine.url), _SqliteWriter(engine))
+    # The lock before the connection: a thread waiting for it holds no connection.
+    with writer.lock:
+        with engine.begin() as connection:
+            driver = connection.connection.driver_connection
+            assert driver is not None
+            before = driver.total_changes
+            yield connection
+            written = driver.total_changes - before
+        writer.unchecked += written  # committed
+        due = writer.unchecked >= _CHECKPOINT_ROWS
+        if due:
+            writer.unchecked = 0
+    if due:
+        _checkpoint(writer.checkpoints)
+
+
+def _checkpoint(engine: Engine) -> None:
+    """Copy the WAL into the database without waiting for readers or writers. A failure
+    loses nothing: the rows are committed, and a later checkpoint copies them."""
+    try:
+        with engine.connect() as connection:
+            connection.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)")
+    except SQLAlchemyError as exc:
+        log.warning("could not checkpoint the SQLite WAL: %s", first_line(exc))
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

@@ -63,11 +63,11 @@ class Base(DeclarativeBase):
 
 
 class FineTuneEvent(Base):
-    """One event of one fine-tuning job, as the API served it. Unique on (job_id, hash)."""
+    """One event of one fine-tuning job, as the API served it. Unique on (job_id, event_key)."""
 
     __tablename__ = "fine_tune_events"
     __table_args__ = (
-        UniqueConstraint("job_id", "hash", name="uq_fine_tune_events_job_id_hash"),
+        UniqueConstraint("job_id", "event_key", name="uq_fine_tune_events_job_id_event_key"),
         UniqueConstraint("job_id", "seq", name="uq_fine_tune_events_job_id_seq"),
         Index("ix_fine_tune_events_job_id_created_at", "job_id", "created_at"),
         Index("ix_fine_tune_events_type", "type"),
@@ -77,9 +77,10 @@ class FineTuneEvent(Base):
     job_id: Mapped[str] = mapped_column(String)
     # Order in which events were first seen, per job: ORDER BY job_id, seq replays a timeline.
     seq: Mapped[int] = mapped_column(Integer)
+    # The event's identity within its job (see events.py): h:HASH, hs:SHA256 or c:SHA256.
+    event_key: Mapped[str] = mapped_column(String)
 
-    # FineTuneEvent, under the API's names. Only `hash` is required here: the newer
-    # generation has none, so eventsync derives one from the content.
+    # FineTuneEvent, under the API's names, as sent (the newer generation has no hash).
     object: Mapped[str | None] = mapped_column(String)
     created_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     level: Mapped[str | None] = mapped_column(String)
@@ -93,7 +94,7 @@ class FineTuneEvent(Base):
     checkpoint_path: Mapped[str | None] = mapped_column(Text)
     model_path: Mapped[str | None] = mapped_column(Text)
     training_offset: Mapped[int | None] = mapped_column(BigInteger)
-    hash: Mapped[str] = mapped_column(String)
+    hash: Mapped[str | None] = mapped_column(Text)
     # 2026-08 generation.
     tokenized_dataset_path: Mapped[str | None] = mapped_column(Text)
     early_stopping_best_step: Mapped[int | None] = mapped_column(BigInteger)

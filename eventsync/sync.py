@@ -9,21 +9,17 @@ import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
+from eventsync import state, writer
 from eventsync.client import TERMINAL_STATUSES, Job, TogetherClient
+from eventsync.db import write_transaction
 from eventsync.errors import ApiStatusError, EventsyncError, StoreError, first_line
 from eventsync.events import ParsedEvents, parse_events
-from eventsync.store import (
-    SaveResult,
-    job_states,
-    mark_unchanged,
-    record_failure,
-    save_events,
-    write_transaction,
-)
+from eventsync.fingerprint import Fingerprint, read_body, whole_body
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +71,14 @@ def tune_gc() -> None:
     gc.set_threshold(10_000, 20, 20)
 
 
+@dataclass(frozen=True)
+class Plan:
+    """A job to sync, and the fingerprint of its last stored body when it can be trusted."""
+
+    job: Job
+    fingerprint: Fingerprint | None = None
+
+
 def plan_jobs(
     client: TogetherClient,
     engine: Engine,
@@ -82,17 +86,20 @@ def plan_jobs(
     *,
     all_jobs: bool,
     skip_finished: bool = False,
-) -> list[Job]:
+    full: bool = False,
+) -> list[Plan]:
     """The jobs of one pass, each with its status when the listing knows it.
 
     The configured ids, the jobs added with `eventsync jobs add`, and with `all_jobs` every
     job the API lists. The listing is read every pass; without `all_jobs` a failed listing only
     costs the statuses. With `skip_finished` (the daemon), a job that ended and had its last
-    fetch is left out, unless the listing shows it active again.
+    fetch is left out, unless the listing shows it active again. With `full`, or when a job's
+    stored events no longer match its state row, every event fetched is compared with what is
+    stored (no unchanged-body shortcut).
     """
     with engine.connect() as connection:
-        states = {row.job_id: row for row in job_states(connection)}
-    wanted = list(dict.fromkeys([*job_ids, *(j for j, s in states.items() if s.tracked)]))
+        known = state.known_jobs(connection)
+    wanted = list(dict.fromkeys([*job_ids, *(j for j, k in known.items() if k.tracked)]))
     try:
         listed = client.list_jobs()
     except EventsyncError as exc:
@@ -103,21 +110,34 @@ def plan_jobs(
     status = {job.id: job.status for job in listed}
     models = {job.id: job.model for job in listed}
 
-    def make_job(job_id: str) -> Job:
-        state = states.get(job_id)
-        fingerprint = state.fingerprint if state is not None else None
-        return Job(job_id, status.get(job_id), fingerprint, models.get(job_id))
+    def make_plan(job_id: str) -> Plan:
+        job = Job(job_id, status.get(job_id), models.get(job_id))
+        seen = known.get(job_id)
+        if seen is None or full:
+            return Plan(job)
+        if not seen.intact:
+            log.warning(
+                "job %s: %d events stored, but its state counts %d; comparing every event "
+                "fetched with what is stored",
+                job_id,
+                seen.stored,
+                seen.event_count,
+                extra={"job_id": job_id, "stored": seen.stored, "counted": seen.event_count},
+            )
+            return Plan(job)
+        return Plan(job, Fingerprint.parse(seen.fingerprint))
 
-    jobs = [make_job(job_id) for job_id in wanted]
+    plans = [make_plan(job_id) for job_id in wanted]
     if all_jobs:
-        jobs += [make_job(j) for j in status if j not in set(wanted)]
+        plans += [make_plan(j) for j in status if j not in set(wanted)]
     if not skip_finished:
-        return jobs
+        return plans
     planned = []
-    for job in jobs:
-        state = states.get(job.id)
-        if state is None or state.finished_at is None:
-            planned.append(job)
+    for plan in plans:
+        seen = known.get(plan.job.id)
+        job = plan.job
+        if seen is None or seen.finished_at is None:
+            planned.append(plan)
         elif job.status is not None and job.status not in TERMINAL_STATUSES:
             log.info(
                 "job %s is %s again; polling it again",
@@ -125,7 +145,7 @@ def plan_jobs(
                 job.status,
                 extra={"job_id": job.id, "status": job.status},
             )
-            planned.append(job)
+            planned.append(plan)
     return planned
 
 
@@ -133,8 +153,8 @@ def has_ended(job: Job, parsed: ParsedEvents) -> bool:
     """The listing says the job ended, and its own events don't show a restart after that."""
     if job.status not in TERMINAL_STATUSES:
         return False
-    for row in reversed(parsed.rows):
-        kind = (row.type or "").lower()
+    for event in reversed(parsed.events):
+        kind = (event.type or "").lower()
         if kind == "job_restarted":
             return False
         if kind in _END_EVENTS:
@@ -142,45 +162,47 @@ def has_ended(job: Job, parsed: ParsedEvents) -> bool:
     return True
 
 
-def sync_job(client: TogetherClient, engine: Engine, job: Job) -> JobOutcome:
+@dataclass(frozen=True)
+class Saved:
+    new: int
+    updated: int
+    total: int
+    finished_now: bool  # this save was the last successful fetch of a job that ended
+
+
+def sync_job(client: TogetherClient, engine: Engine, plan: Plan) -> JobOutcome:
     """Fetch, parse and store one job. Errors are returned, not raised."""
+    job = plan.job
     outcome = JobOutcome(job_id=job.id, status=job.status)
-    # A body identical to the last one stored needs no decoding, parsing or comparing, and
-    # one that only appends needs just its tail; but a job that may have ended gets the full
-    # look, for its restart events.
-    known = job.fingerprint if job.status not in TERMINAL_STATUSES else None
-    parsed = None
+    # A job that may have ended gets the full look, for its restart events.
+    known = plan.fingerprint if job.status not in TERMINAL_STATUSES else None
+    what = f"job {job.id}"
+    parsed: ParsedEvents | None = None
     try:
-        fetched = client.job_events(job.id, known=known)
-        fingerprint, appended = fetched.fingerprint, fetched.appended
-        if fetched.events is not None:
-            parsed = parse_events(fetched.events)
-        del fetched  # the rows hold all that is stored: free the decoded events
+        content, body = client.job_events(
+            job.id, lambda content: (content, read_body(content, known, what))
+        )
+        if body.events is not None:
+            parsed = parse_events(body.events, careful=body.careful)
+        shortcut = parsed is None or body.appended
+        if not shortcut:
+            content = b""  # the records hold all that is stored
+        fingerprint, appended = body.fingerprint, body.appended
+        del body  # the decoded events: the records hold all that is stored
         try:
             with write_transaction(engine) as connection:
-                if parsed is None:
-                    count = mark_unchanged(connection, job.id, status=job.status, model=job.model)
-                    saved = SaveResult(0, 0, count)
-                else:
-                    saved = save_events(
-                        connection,
-                        job.id,
-                        parsed,
-                        status=job.status,
-                        model=job.model,
-                        fingerprint=fingerprint,
-                        appended=appended,
-                        finished=has_ended(job, parsed),
-                    )
+                saved, parsed = _save(
+                    connection, job, known, content, fingerprint, appended, parsed
+                )
         except SQLAlchemyError as exc:
-            raise StoreError(f"job {job.id}: database error: {first_line(exc)}") from None
+            raise StoreError(f"{what}: database error: {first_line(exc)}") from None
     except EventsyncError as exc:
         outcome.error = exc
         _record_failure(engine, job.id, exc)
         return outcome
     except Exception as exc:  # a bug: report it, keep the other jobs going
         log.exception("job %s: unexpected error", job.id)
-        outcome.error = EventsyncError(f"job {job.id}: internal error: {type(exc).__name__}")
+        outcome.error = EventsyncError(f"{what}: internal error: {type(exc).__name__}")
         _record_failure(engine, job.id, outcome.error)
         return outcome
     outcome.new, outcome.updated, outcome.total = saved.new, saved.updated, saved.total
@@ -204,10 +226,77 @@ def sync_job(client: TogetherClient, engine: Engine, job: Job) -> JobOutcome:
     return outcome
 
 
+def _save(
+    connection: Connection,
+    job: Job,
+    known: Fingerprint | None,
+    content: bytes,
+    fingerprint: Fingerprint,
+    appended: bool,
+    parsed: ParsedEvents | None,
+) -> tuple[Saved, ParsedEvents | None]:
+    """Store one fetched body under the job's state row lock. A shortcut taken before the
+    lock (the body unchanged, or only its tail decoded) is taken only if it still holds: the
+    state row has the fingerprint it was read against, and no new event's key is already
+    stored (a hash an earlier event has, say). Otherwise the whole body is read again, so
+    every path stores what reading the whole body stores. `parsed` is None for a body equal
+    to the last stored one."""
+    now = datetime.now(UTC)
+    row = state.lock(connection, job.id)
+    if (parsed is None or appended) and row.fingerprint != (str(known) if known else None):
+        parsed, appended = _whole(content, fingerprint, job), False  # stored meanwhile
+    stored = None
+    if parsed is not None and appended:
+        stored = writer.stored(connection, job.id, [e.key for e in parsed.events])
+        if stored:
+            parsed, appended, stored = _whole(content, fingerprint, job), False, None
+    done: dict[str, object] = {
+        "status": job.status if job.status is not None else row.status,
+        "model": job.model if job.model is not None else row.model,
+        "last_synced_at": now,
+        "last_attempt_at": now,
+        "last_error": None,
+        "last_error_kind": None,
+        "fingerprint": str(fingerprint),
+    }
+    if parsed is None:  # the body stored last, byte for byte
+        state.update_state(connection, job.id, done)
+        return Saved(0, 0, row.event_count, finished_now=False), None
+
+    if stored is None:
+        stored = writer.stored(connection, job.id)
+    written = writer.write(connection, job.id, parsed.events, stored, max_seq=row.max_seq, now=now)
+    total = row.event_count + written.new if appended else writer.count(connection, job.id)
+    finished = has_ended(job, parsed)
+    state.update_state(
+        connection,
+        job.id,
+        {
+            **done,
+            "event_count": total,
+            "max_seq": row.max_seq + written.new,
+            "repairs": row.repairs + written.repaired,
+            "finished_at": (row.finished_at or now) if finished else None,
+        },
+    )
+    saved = Saved(
+        written.new, written.updated, total, finished_now=finished and row.finished_at is None
+    )
+    return saved, parsed
+
+
+def _whole(content: bytes, fingerprint: Fingerprint, job: Job) -> ParsedEvents:
+    whole = whole_body(content, fingerprint, f"job {job.id}")
+    assert whole.events is not None
+    return parse_events(whole.events, careful=whole.careful)
+
+
 def _record_failure(engine: Engine, job_id: str, error: EventsyncError) -> None:
     try:
         with write_transaction(engine) as connection:
-            record_failure(connection, job_id, kind=error.kind, message=str(error))
+            state.record_failure(
+                connection, job_id, kind=error.kind, message=str(error), now=datetime.now(UTC)
+            )
     except SQLAlchemyError as exc:
         log.warning("job %s: could not record the failure: %s", job_id, first_line(exc))
 
@@ -215,7 +304,7 @@ def _record_failure(engine: Engine, job_id: str, error: EventsyncError) -> None:
 def run_pass(
     client: TogetherClient,
     engine: Engine,
-    jobs: list[Job],
+    jobs: list[Plan],
     *,
     concurrency: int,
     on_done: Callable[[JobOutcome], None] | None = None,
@@ -227,10 +316,10 @@ def run_pass(
     """
     started = time.monotonic()
 
-    def work(job: Job) -> JobOutcome | None:
+    def work(plan: Plan) -> JobOutcome | None:
         if stop is not None and stop.is_set():
             return None
-        return sync_job(client, engine, job)
+        return sync_job(client, engine, plan)
 
     outcomes: list[JobOutcome] = []
     with ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="sync") as pool:

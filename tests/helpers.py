@@ -6,12 +6,14 @@ import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import Engine, text
 
 from eventsync.client import RetryPolicy, TogetherClient, make_http_client
 from eventsync.config import Settings
 from eventsync.fakeapi import FakeTogether
+from eventsync.fingerprint import read_body
 from eventsync.sync import PassResult, plan_jobs, run_pass
 
 API_KEY = "test-key-5f1c2e"
@@ -42,6 +44,7 @@ def sync_pass(
     *,
     all_jobs: bool = False,
     concurrency: int = 4,
+    full: bool = False,
     **extra: object,
 ) -> PassResult:
     """One pass through the same pieces the CLI composes."""
@@ -50,8 +53,15 @@ def sync_pass(
     )
     with make_http_client(settings) as http:
         client = TogetherClient(http, RetryPolicy.from_settings(settings))
-        jobs = plan_jobs(client, engine, job_ids or [], all_jobs=all_jobs)
+        jobs = plan_jobs(client, engine, job_ids or [], all_jobs=all_jobs, full=full)
         return run_pass(client, engine, jobs, concurrency=concurrency)
+
+
+def fetch_events(client: TogetherClient, job_id: str) -> list[Any]:
+    """A job's whole event list, decoded, as the client fetches it."""
+    body = client.job_events(job_id, lambda content: read_body(content, None, f"job {job_id}"))
+    assert body.events is not None
+    return body.events
 
 
 def install_write_counter(engine: Engine) -> None:

@@ -288,3 +288,25 @@ def test_jobs_remove_of_an_unknown_id_creates_nothing(db_url: str, tmp_path: Pat
     assert removed.stdout.strip() == "ft-never: was not followed"
     listed = run("jobs", "list", "--format", "json", "--database-url", db_url, cwd=tmp_path)
     assert json.loads(listed.stdout) == []
+
+
+def test_sync_full_stores_again_what_was_lost_behind_its_back(
+    fake: FakeTogether, api_env: dict[str, str], db_url: str, tmp_path: Path
+) -> None:
+    """`sync --full` compares every event even when the list and the counts look unchanged."""
+    fake.add_job("ft-a", events=6)
+    args = ("sync", "--job-id", "ft-a", "--database-url", db_url)
+    assert run(*args, cwd=tmp_path, env=api_env).returncode == 0
+    engine = db.make_engine(db_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("DELETE FROM fine_tune_events WHERE seq > 4"))
+            conn.execute(text("UPDATE sync_state SET event_count = 4"))
+    finally:
+        engine.dispose()
+    plain = run(*args, cwd=tmp_path, env=api_env)
+    assert plain.stdout.splitlines() == ["ft-a: 0 new, 4 total"]
+    full = run(*args, "--full", cwd=tmp_path, env=api_env)
+    assert full.returncode == 0, full.stderr
+    assert full.stdout.splitlines() == ["ft-a: 2 new, 6 total"]
+    assert count(db_url) == 6

@@ -7,10 +7,8 @@ import re
 
 import httpx
 import pytest
-from hypothesis import example, given
-from hypothesis import strategies as st
 
-from eventsync.client import TogetherClient, loads, make_http_client
+from eventsync.client import TogetherClient, make_http_client
 from eventsync.config import api_root
 from eventsync.errors import (
     ApiStatusError,
@@ -21,7 +19,7 @@ from eventsync.errors import (
     TransportError,
 )
 from eventsync.fakeapi import FakeTogether
-from tests.helpers import FAST_RETRY, make_settings
+from tests.helpers import FAST_RETRY, fetch_events, make_settings
 
 
 def test_lists_jobs_and_fetches_events(fake: FakeTogether, http_client: httpx.Client) -> None:
@@ -34,31 +32,7 @@ def test_lists_jobs_and_fetches_events(fake: FakeTogether, http_client: httpx.Cl
         ("ft-2", "completed"),
     ]
     assert client.get_job("ft-2").status == "completed"
-    fetched = client.job_events("ft-1")
-    assert fetched.events == fake.jobs["ft-1"].events
-    # The same body again is recognised by its fingerprint and not decoded.
-    assert client.job_events("ft-1", known=fetched.fingerprint).events is None
-
-
-def test_only_the_appended_tail_is_decoded(fake: FakeTogether, http_client: httpx.Client) -> None:
-    """A body that extends the stored one yields just the new events; any other change
-    (an edit in the middle, a removal) yields the whole list again."""
-    fake.add_job("ft-1", events=5)
-    client = TogetherClient(http_client, FAST_RETRY)
-    first = client.job_events("ft-1")
-    fake.add_events("ft-1", 2)
-    grown = client.job_events("ft-1", known=first.fingerprint)
-    assert grown.appended
-    assert grown.events == fake.jobs["ft-1"].events[5:]
-    events = list(fake.jobs["ft-1"].events)
-    events[1] = dict(events[1], message="edited")
-    fake.set_events("ft-1", events)
-    edited = client.job_events("ft-1", known=grown.fingerprint)
-    assert not edited.appended
-    assert edited.events == events
-    fake.set_events("ft-1", events[:3])
-    shrunk = client.job_events("ft-1", known=edited.fingerprint)
-    assert (shrunk.appended, shrunk.events) == (False, events[:3])
+    assert fetch_events(client, "ft-1") == fake.jobs["ft-1"].events
 
 
 @pytest.mark.parametrize("suffix", ["", "/", "/v1", "/v1/"])
@@ -67,7 +41,7 @@ def test_base_url_with_or_without_v1(fake: FakeTogether, suffix: str) -> None:
     fake.add_job("ft-1", events=2)
     settings = make_settings(fake, "sqlite:///x.db", base_url=fake.base_url + suffix)
     with make_http_client(settings) as http:
-        assert len(TogetherClient(http, FAST_RETRY).job_events("ft-1").events or []) == 2
+        assert len(fetch_events(TogetherClient(http, FAST_RETRY), "ft-1")) == 2
     assert api_root("https://api.together.ai") == "https://api.together.ai/v1"
 
 
@@ -76,7 +50,7 @@ def test_rejected_key_is_an_auth_error(fake: FakeTogether) -> None:
     fake.add_job("ft-1")
     settings = make_settings(fake, "sqlite:///x.db", api_key="wrong-key-123")
     with make_http_client(settings) as http, pytest.raises(AuthError) as caught:
-        TogetherClient(http, FAST_RETRY).job_events("ft-1")
+        fetch_events(TogetherClient(http, FAST_RETRY), "ft-1")
     assert "missing or was rejected" in str(caught.value)
     assert "Invalid API key" in str(caught.value)
     assert "wrong-key-123" not in str(caught.value)
@@ -87,7 +61,7 @@ def test_an_echoed_key_is_masked(fake: FakeTogether, http_client: httpx.Client) 
     body = {"error": {"message": "key test-key-5f1c2e is suspended", "type": "auth"}}
     fake.override = lambda path: (403, json.dumps(body).encode(), {})
     with pytest.raises(AuthError) as caught:
-        TogetherClient(http_client, FAST_RETRY).job_events("ft-1")
+        fetch_events(TogetherClient(http_client, FAST_RETRY), "ft-1")
     assert "test-key-5f1c2e" not in str(caught.value)
     assert "key *** is suspended" in str(caught.value)
 
@@ -95,7 +69,7 @@ def test_an_echoed_key_is_masked(fake: FakeTogether, http_client: httpx.Client) 
 def test_unknown_job_is_not_found(fake: FakeTogether, http_client: httpx.Client) -> None:
     """404 maps to NotFoundError naming the job."""
     with pytest.raises(NotFoundError, match="ft-nope: unknown job"):
-        TogetherClient(http_client, FAST_RETRY).job_events("ft-nope")
+        fetch_events(TogetherClient(http_client, FAST_RETRY), "ft-nope")
 
 
 @pytest.mark.parametrize(
@@ -113,14 +87,14 @@ def test_bad_payloads_are_payload_errors(
     """HTML, cut-short JSON and the wrong shape are PayloadErrors, not crashes."""
     fake.override = lambda path: (200, body, {"Content-Type": content_type})
     with pytest.raises(PayloadError, match="bad payload"):
-        TogetherClient(http_client, FAST_RETRY).job_events("ft-1")
+        fetch_events(TogetherClient(http_client, FAST_RETRY), "ft-1")
 
 
 def test_connection_refused_is_a_transport_error(fake: FakeTogether) -> None:
     """No server at the base URL: TransportError, a network failure."""
     settings = make_settings(fake, "sqlite:///x.db", base_url="http://127.0.0.1:9")
     with make_http_client(settings) as http, pytest.raises(TransportError, match="network"):
-        TogetherClient(http, FAST_RETRY).job_events("ft-1")
+        fetch_events(TogetherClient(http, FAST_RETRY), "ft-1")
 
 
 @pytest.mark.parametrize("job_id", ["../../files", "ft-1/../../files", "a b", "", ".."])
@@ -129,7 +103,7 @@ def test_job_ids_that_could_reach_other_endpoints_are_refused(
 ) -> None:
     """Path tricks in a job id never become a request."""
     with pytest.raises(ConfigError, match="invalid job id"):
-        TogetherClient(http_client, FAST_RETRY).job_events(job_id)
+        fetch_events(TogetherClient(http_client, FAST_RETRY), job_id)
     assert fake.requests == []
 
 
@@ -137,7 +111,7 @@ def test_redirects_are_reported_as_such(fake: FakeTogether, http_client: httpx.C
     """A 301 (e.g. http:// instead of https://) says where it points, not 'not JSON'."""
     fake.override = lambda path: (301, b"", {"Location": "https://api.together.ai/v1/x"})
     with pytest.raises(ApiStatusError, match=re.escape("redirect to https://api.together.ai/v1/x")):
-        TogetherClient(http_client, FAST_RETRY).job_events("ft-1")
+        fetch_events(TogetherClient(http_client, FAST_RETRY), "ft-1")
 
 
 def test_multi_line_api_messages_become_one_line(
@@ -147,38 +121,9 @@ def test_multi_line_api_messages_become_one_line(
     body = json.dumps({"error": {"message": "upstream\nfailed\n  badly"}}).encode()
     fake.override = lambda path: (500, body, {})
     with pytest.raises(ApiStatusError) as caught:
-        TogetherClient(http_client, FAST_RETRY).job_events("ft-1")
+        fetch_events(TogetherClient(http_client, FAST_RETRY), "ft-1")
     assert "\n" not in str(caught.value)
     assert "upstream failed badly" in str(caught.value)
-
-
-def test_nan_in_a_payload_is_kept_as_text(fake: FakeTogether, http_client: httpx.Client) -> None:
-    """NaN and Infinity (not JSON, but Python servers send them) decode to their spelling."""
-    body = b'{"data": [{"object": "fine-tune-event", "early_stopping_best_metric_value": NaN}]}'
-    fake.override = lambda path: (200, body, {})
-    events = TogetherClient(http_client, FAST_RETRY).job_events("ft-1").events
-    assert events is not None
-    assert events[0]["early_stopping_best_metric_value"] == "NaN"
-
-
-JSON_VALUES = st.recursive(
-    st.none()
-    | st.booleans()
-    | st.integers()  # unbounded: beyond 64 bits too
-    | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(),
-    lambda inner: st.lists(inner) | st.dictionaries(st.text(), inner),
-    max_leaves=20,
-)
-
-
-@given(JSON_VALUES)
-@example({"step": 123456789012345678901234567890, "token_count": -(2**64) - 1, "x": 1e308})
-def test_the_fast_decoder_gives_the_stdlib_values(value: object) -> None:
-    """Whatever the decoder, any JSON reads as the stdlib reads it, big integers included."""
-    body = json.dumps(value).encode()
-    # Compared as JSON text, so an integer read back as a float (1e+29) counts as a change.
-    assert json.dumps(loads(body)) == json.dumps(json.loads(body))
 
 
 def test_a_listing_404_means_a_wrong_base_url(fake: FakeTogether) -> None:

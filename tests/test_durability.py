@@ -31,13 +31,13 @@ def assert_exact(engine: Engine, fake: FakeTogether) -> None:
     """The database holds every event of every job once, in the server's order."""
     with engine.connect() as conn:
         rows = conn.execute(
-            text("SELECT job_id, seq, hash FROM fine_tune_events ORDER BY job_id, seq")
+            text("SELECT job_id, seq, event_key FROM fine_tune_events ORDER BY job_id, seq")
         ).all()
     stored: dict[str, list[str]] = {}
-    for job_id, _seq, hash_ in rows:
-        stored.setdefault(job_id, []).append(hash_)
+    for job_id, _seq, key in rows:
+        stored.setdefault(job_id, []).append(key)
     expected = {
-        job_id: [row.hash for row in parse_events(job.events).rows]
+        job_id: [event.key for event in parse_events(job.events).events]
         for job_id, job in fake.jobs.items()
     }
     assert stored == expected
@@ -152,8 +152,8 @@ def test_kill_9_at_any_moment(
         with engine.connect() as conn:
             dupes = conn.execute(
                 text(
-                    "SELECT count(*) FROM (SELECT job_id, hash FROM fine_tune_events "
-                    "GROUP BY job_id, hash HAVING count(*) > 1) d"
+                    "SELECT count(*) FROM (SELECT job_id, event_key FROM fine_tune_events "
+                    "GROUP BY job_id, event_key HAVING count(*) > 1) d"
                 )
             ).scalar_one()
         assert dupes == 0

@@ -13,7 +13,7 @@ from eventsync.client import RetryPolicy, TogetherClient, make_http_client, retr
 from eventsync.errors import ApiStatusError
 from eventsync.fakeapi import FAULT_KINDS, FakeTogether, make_event
 from eventsync.models import events_table, state_table
-from tests.helpers import FAST_RETRY, event_counts, make_settings, sync_pass
+from tests.helpers import FAST_RETRY, event_counts, fetch_events, make_settings, sync_pass
 
 # How each fault kind surfaces when it outlasts the retries.
 SURFACES_AS = {
@@ -86,7 +86,7 @@ def test_retry_after_is_honoured(fake: FakeTogether, http_client: httpx.Client) 
     fake.add_job("ft-1", events=2)
     fake.inject("status", match="/events", status=503, headers={"Retry-After": "0.4"})
     client = TogetherClient(http_client, FAST_RETRY)
-    assert len(client.job_events("ft-1").events or []) == 2
+    assert len(fetch_events(client, "ft-1")) == 2
     first, second = (t for t, path in fake.arrivals if path.endswith("/events"))
     assert second - first >= 0.4
 
@@ -191,5 +191,5 @@ def test_settings_knobs_reach_the_client(fake: FakeTogether) -> None:
     with make_http_client(settings) as http:
         client = TogetherClient(http, RetryPolicy.from_settings(settings))
         with pytest.raises(ApiStatusError):
-            client.job_events("ft-1")
+            fetch_events(client, "ft-1")
     assert fetches(fake, "ft-1") == 2

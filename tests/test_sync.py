@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import sqlite3
 from contextlib import closing
@@ -328,3 +329,117 @@ def test_a_large_write_is_checkpointed_into_the_sqlite_file(
     finally:
         engine.dispose()
     assert counts == {"ft-big": 1200}  # the small write stays in the WAL for later
+
+
+def test_rows_deleted_by_hand_are_stored_again(fake: FakeTogether, engine: Engine) -> None:
+    """Stored rows no longer matching the state row (deleted by hand, a table restored from
+    an old backup) are noticed on the next pass, which stores again what the API serves,
+    although the body is byte for byte the one stored last."""
+    fake.add_job("ft-1", events=10)
+    assert sync_pass(fake, engine, ["ft-1"]).ok
+    before = stored(engine, "ft-1")
+    with engine.begin() as conn:
+        conn.execute(text("DELETE FROM fine_tune_events WHERE seq IN (2, 5, 10)"))
+    outcome = sync_pass(fake, engine, ["ft-1"]).outcomes[0]
+    assert (outcome.new, outcome.total) == (3, 10)
+    after = stored(engine, "ft-1")
+    assert sorted(r[1:] for r in after) == sorted(r[1:] for r in before)
+    assert state(engine, "ft-1")["event_count"] == 10
+    again = sync_pass(fake, engine, ["ft-1"]).outcomes[0]
+    assert (again.new, again.updated, again.total) == (0, 0, 10)
+
+
+def test_full_compares_every_event_even_when_the_state_looks_intact(
+    fake: FakeTogether, engine: Engine
+) -> None:
+    """Rows deleted and the state row edited to match hide the loss from the cheap check;
+    `--full` (plan_jobs(full=True)) still finds it and stores the rows again."""
+    fake.add_job("ft-1", events=10, generation="2026-08")
+    assert sync_pass(fake, engine, ["ft-1"]).ok
+    with engine.begin() as conn:
+        conn.execute(text("DELETE FROM fine_tune_events WHERE seq > 7"))
+        conn.execute(text("UPDATE sync_state SET event_count = 7"))
+    assert sync_pass(fake, engine, ["ft-1"]).outcomes[0].new == 0  # looks unchanged
+    outcome = sync_pass(fake, engine, ["ft-1"], full=True).outcomes[0]
+    assert (outcome.new, outcome.total) == (3, 10)
+
+
+NUMBERS_BODY = (
+    b'{"data": ['
+    b'{"object": "fine-tune-event", "hash": "n1", "type": "x", "message": "huge",'
+    b' "step": 1e400, "loss": -1e400, "tiny": 1e-400},'
+    b'{"object": "fine-tune-event", "hash": "n2", "type": "x", "message": "long int",'
+    b' "token_count": 123456789012345678901234567890, "other": -98765432109876543210987654321},'
+    b'{"object": "fine-tune-event", "type": "x", "message": "not finite",'
+    b' "early_stopping_best_metric_value": NaN, "inf": Infinity, "ninf": -Infinity}'
+    b"]}"
+)
+
+
+def test_numbers_outside_the_spec_are_stored_with_their_spelling(
+    fake: FakeTogether, engine: Engine
+) -> None:
+    """1e400, -1e400, 1e-400, integers past 64 bits, NaN and Infinity: every event is stored,
+    its columns NULL where they can't hold the value, a repair recorded, and raw valid JSON
+    that the database itself reads, with the original spelling."""
+    fake.add_job("ft-n")
+    fake.override = lambda path: (200, NUMBERS_BODY, {}) if path.endswith("/events") else None
+    result = sync_pass(fake, engine, ["ft-n"])
+    assert result.ok, result.outcomes[0].error
+    assert result.outcomes[0].new == 3
+    # The database itself must read raw: json_extract on SQLite, ->> on Postgres.
+    extract = "raw ->> '{}'" if engine.dialect.name == "postgresql" else "json_extract(raw, '$.{}')"
+    texts = ["step", "loss", "tiny", "inf", "ninf", "early_stopping_best_metric_value"]
+    query = (
+        "SELECT message, step, token_count, early_stopping_best_metric_value, repairs, raw, "
+        + ", ".join(f"CAST({extract.format(f)} AS TEXT)" for f in texts)
+        + " FROM fine_tune_events WHERE job_id = 'ft-n' ORDER BY seq"
+    )
+    with engine.connect() as conn:
+        found = [tuple(row) for row in conn.execute(text(query))]
+        if engine.dialect.name == "sqlite":
+            assert conn.execute(text("SELECT min(json_valid(raw)) FROM fine_tune_events")).scalar()
+    huge, long_int, not_finite = found
+    assert huge[:4] == ("huge", None, None, None)
+    assert huge[6:9] == ("1e400", "-1e400", "1e-400")
+    assert long_int[:3] == ("long int", None, None)
+    raw = long_int[5] if isinstance(long_int[5], dict) else json.loads(long_int[5])
+    assert (raw["token_count"], raw["other"]) == (
+        123456789012345678901234567890,
+        -98765432109876543210987654321,
+    )
+    assert not_finite[3] is None
+    assert not_finite[9:] == ("Infinity", "-Infinity", "NaN")
+    repairs = [set(r[4] if isinstance(r[4], list) else json.loads(r[4])) for r in found]
+    assert {"raw:number_as_text", "step:int_parsing"} <= repairs[0]
+    assert repairs[1] == {"token_count:less_than_equal"}
+    assert {"raw:number_as_text", "early_stopping_best_metric_value:finite_number"} <= repairs[2]
+    again = sync_pass(fake, engine, ["ft-n"]).outcomes[0]
+    assert (again.error, again.new, again.updated) == (None, 0, 0)
+
+
+def test_bytes_that_are_not_utf8_are_replaced_and_recorded(
+    fake: FakeTogether, engine: Engine
+) -> None:
+    """Invalid UTF-8 inside a body: the job is stored, the bad bytes become U+FFFD in the
+    columns and in raw, and the repair is recorded. The other events are untouched."""
+    fake.add_job("ft-u")
+    body = (
+        b'{"data": [{"object": "fine-tune-event", "hash": "u1", "type": "x",'
+        b' "message": "loss \xff\xfe fell"},'
+        b' {"object": "fine-tune-event", "hash": "u2", "type": "x", "message": "caf\xc3\xa9"}]}'
+    )
+    fake.override = lambda path: (200, body, {}) if path.endswith("/events") else None
+    result = sync_pass(fake, engine, ["ft-u"])
+    assert result.ok, result.outcomes[0].error
+    with engine.connect() as conn:
+        found = conn.execute(
+            text("SELECT message, repairs, raw FROM fine_tune_events ORDER BY seq")
+        ).all()
+    (bad, bad_repairs, bad_raw), (good, good_repairs, _) = found
+    assert bad == "loss \ufffd\ufffd fell"
+    as_list = bad_repairs if isinstance(bad_repairs, list) else json.loads(bad_repairs)
+    assert "message:nul_or_surrogate" in as_list
+    assert (bad_raw if isinstance(bad_raw, dict) else json.loads(bad_raw))["message"] == bad
+    assert (good, good_repairs) == ("caf\u00e9", None)
+    assert sync_pass(fake, engine, ["ft-u"]).outcomes[0].error is None
