@@ -1,7 +1,8 @@
 """The SQL of the views that answer the common questions, for SQLite and Postgres alike.
 
-The migrations create them (see migrations/versions/0003_*); they live here so the SQL has one
-home, and the tests and the Datasette metadata can refer to the same names.
+These are the current definitions. Each migration that creates or changes a view holds a copy
+of the SQL it ran (a revision never imports live code); tests/test_migrations.py checks that
+a freshly migrated database has exactly these views.
 """
 
 from __future__ import annotations
@@ -98,3 +99,11 @@ SELECT job_id, step, checkpoint_path, created_at
 FROM fine_tune_events
 WHERE lower(type) = 'checkpoint_save'
 """
+
+
+def definitions(dialect: str) -> dict[str, str]:
+    """Each view's name and its current CREATE VIEW statement, for a dialect."""
+    return {
+        "fine_tune_job_summary": job_summary_sql(dialect),
+        "fine_tune_checkpoints": CHECKPOINTS_SQL,
+    }

@@ -7,9 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from sqlalchemy import inspect
+from sqlalchemy import Engine, inspect, text
 
-from eventsync import db
+from eventsync import db, views
 from tests.helpers import REPO
 
 ALEMBIC = [sys.executable, "-m", "alembic"]
@@ -69,7 +69,7 @@ def test_raw_is_jsonb_on_postgres_and_no_enums(db_url: str) -> None:
             tuple(u["column_names"])
             for u in inspect(engine).get_unique_constraints("fine_tune_events")
         }
-        assert ("job_id", "hash") in unique
+        assert ("job_id", "event_key") in unique
     finally:
         engine.dispose()
 
@@ -93,3 +93,34 @@ def test_migrations_ship_in_the_wheel(tmp_path: Path) -> None:
     assert versions
     for name in versions:
         assert f"eventsync/migrations/versions/{name}" in names
+
+
+def test_migrated_views_are_the_current_definitions(engine: Engine) -> None:
+    """The views a fresh database gets from the migrations are those of eventsync/views.py:
+    editing a view without a migration (or the reverse) fails here."""
+    current = views.definitions(engine.dialect.name)
+    with engine.begin() as conn:
+        if engine.dialect.name == "sqlite":
+            found = dict(
+                conn.execute(text("SELECT name, sql FROM sqlite_master WHERE type = 'view'")).all()
+            )
+            assert {name: _words(sql) for name, sql in found.items()} == {
+                name: _words(sql) for name, sql in current.items()
+            }
+            return
+        conn.execute(text("CREATE SCHEMA current_views"))
+        conn.execute(text("SET LOCAL search_path = current_views, public"))
+        for sql in current.values():
+            conn.execute(text(sql))
+        query = text(
+            "SELECT viewname, pg_get_viewdef(format('%I.%I', schemaname, viewname)::regclass) "
+            "FROM pg_views WHERE schemaname = :schema"
+        )
+        migrated = dict(conn.execute(query, {"schema": "public"}).all())
+        defined = dict(conn.execute(query, {"schema": "current_views"}).all())
+        conn.execute(text("DROP SCHEMA current_views CASCADE"))
+    assert migrated == defined
+
+
+def _words(sql: str) -> str:
+    return " ".join(sql.replace("(", " ( ").replace(")", " ) ").split()).rstrip(";")
