@@ -8,13 +8,14 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from eventsync.client import TERMINAL_STATUSES, Job, TogetherClient
-from eventsync.errors import ApiStatusError, EventsyncError, StoreError, first_line
+from eventsync.config import validate_job_id
+from eventsync.errors import ApiStatusError, ConfigError, EventsyncError, StoreError, first_line
 from eventsync.events import ParsedEvents, parse_events
 from eventsync.store import (
     SaveResult,
@@ -100,6 +101,7 @@ def plan_jobs(
             raise
         log.warning("could not list jobs, statuses unknown this pass: %s", exc)
         listed = []
+    listed = _valid_ids(listed)
     status = {job.id: job.status for job in listed}
     models = {job.id: job.model for job in listed}
 
@@ -127,6 +129,27 @@ def plan_jobs(
             )
             planned.append(job)
     return planned
+
+
+def _valid_ids(listed: list[Job]) -> list[Job]:
+    """The listed jobs whose ids pass the check an id from the command line passes. The API
+    is not trusted to send only ids: any other is never requested nor stored, and one
+    warning a pass says so."""
+    valid, invalid = [], []
+    for job in listed:
+        try:
+            valid.append(replace(job, id=validate_job_id(job.id)))
+        except ConfigError:
+            invalid.append(job.id)
+    if invalid:
+        shown = ", ".join(repr(job_id[:80]) for job_id in invalid[:5])
+        log.warning(
+            "the job listing holds %d invalid job id(s), skipped: %s%s",
+            len(invalid),
+            shown,
+            ", ..." if len(invalid) > 5 else "",
+        )
+    return valid
 
 
 def has_ended(job: Job, parsed: ParsedEvents) -> bool:
