@@ -168,8 +168,10 @@ def setup_logging(settings: Settings | None = None, *, verbose: bool = False) ->
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO, handlers=[handler], force=True
     )
-    for noisy in ("httpx", "httpcore", "alembic.runtime.migration", "apscheduler"):
+    for noisy in ("httpx", "httpcore", "alembic.runtime.migration", "apscheduler", "waitress"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # "Task queue depth is N": requests waiting for one of the status server's threads.
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
     # "maximum number of running instances reached": the daemon catches up by itself.
     logging.getLogger("apscheduler.scheduler").setLevel(logging.ERROR)
     logging.getLogger("stamina").setLevel(logging.ERROR)  # eventsync logs its own retry lines
@@ -419,7 +421,7 @@ def run(
             code = daemon.serve()
         finally:
             if server is not None:
-                server.shutdown()
+                server.close()
     if not daemon.idle.is_set():
         exit_now(code)  # a pass is still stuck in I/O: don't wait for its threads
     raise typer.Exit(code)
