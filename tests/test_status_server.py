@@ -59,6 +59,7 @@ def test_the_endpoints_answer_as_before(daemon: test_daemon.Daemon) -> None:
     assert (missing.status_code, missing.json()) == (404, {"error": "try /healthz or /metrics"})
     assert httpx.post(url(daemon, "/healthz"), timeout=10).status_code == 405
     assert daemon.stop()[0] == 0
+    stderr_records(daemon)
 
 
 def test_500_concurrent_requests_are_all_answered(daemon: test_daemon.Daemon) -> None:
