@@ -17,7 +17,6 @@ import typer
 from pythonjsonlogger.json import JsonFormatter
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -103,8 +102,36 @@ LogFormat = Annotated[
 
 def fail(message: str, code: int = 1) -> NoReturn:
     """One line on stderr, no traceback."""
-    typer.echo(f"error: {message}", err=True)
+    say_error(message)
     raise typer.Exit(code)
+
+
+def say_error(message: str, *, kind: str | None = None, job_id: str | None = None) -> None:
+    """`error: ... [kind]` on stderr, controls spelled out; with --log-format json, a JSON
+    record like every other line there, so a collector never meets a line it can't parse."""
+    if _json_stderr:
+        fields = {k: v for k, v in (("kind", kind), ("job_id", job_id)) if v is not None}
+        log.error("%s", message, extra=fields)
+    else:
+        output.echo(f"error: {message}" + (f" [{kind}]" if kind else ""), err=True)
+
+
+_json_stderr = False  # set by setup_logging
+
+
+class ConsoleFormatter(logging.Formatter):
+    """Console log lines in which messages from outside (an API error, an event) can't forge a
+    line, move the cursor or recolour the terminal: controls are spelled out. A traceback
+    keeps its line breaks."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return output.visible(super().formatMessage(record))
+
+    def formatException(self, ei: Any) -> str:
+        return output.visible(super().formatException(ei), keep="\n")
+
+    def formatStack(self, stack_info: str) -> str:
+        return output.visible(super().formatStack(stack_info), keep="\n")
 
 
 class Redacting(logging.Formatter):
@@ -122,7 +149,9 @@ class Redacting(logging.Formatter):
 
 def setup_logging(settings: Settings | None = None, *, verbose: bool = False) -> None:
     """Console lines or JSON objects on stderr; never the API key."""
+    global _json_stderr
     log_format = settings.log_format if settings is not None else "console"
+    _json_stderr = log_format == "json"
     handler = logging.StreamHandler(sys.stderr)
     if log_format == "json":
         handler.setFormatter(
@@ -132,15 +161,17 @@ def setup_logging(settings: Settings | None = None, *, verbose: bool = False) ->
             )
         )
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+        handler.setFormatter(ConsoleFormatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
     secret = settings.api_key.get_secret_value().strip() if settings and settings.api_key else ""
     if len(secret) >= 8:  # a shorter "key" would garble ordinary words, and is no real key
         handler.setFormatter(Redacting(handler.formatter or logging.Formatter(), secret))
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO, handlers=[handler], force=True
     )
-    for noisy in ("httpx", "httpcore", "alembic.runtime.migration", "apscheduler"):
+    for noisy in ("httpx", "httpcore", "alembic.runtime.migration", "apscheduler", "waitress"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # "Task queue depth is N": requests waiting for one of the status server's threads.
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
     # "maximum number of running instances reached": the daemon catches up by itself.
     logging.getLogger("apscheduler.scheduler").setLevel(logging.ERROR)
     logging.getLogger("stamina").setLevel(logging.ERROR)  # eventsync logs its own retry lines
@@ -189,9 +220,9 @@ def db_upgrade(database_url: DatabaseUrl = None, verbose: Verbose = False) -> No
         before, after = db.upgrade(engine)
     where = mask_url(settings.database_url)
     if before == after:
-        typer.echo(f"{where}: already at {after}")
+        output.echo(f"{where}: already at {after}")
     else:
-        typer.echo(f"{where}: upgraded {before or 'empty database'} -> {after}")
+        output.echo(f"{where}: upgraded {before or 'empty database'} -> {after}")
 
 
 @db_app.command("current")
@@ -208,7 +239,9 @@ def db_current(database_url: DatabaseUrl = None, verbose: Verbose = False) -> No
         state = "the database is newer than this eventsync: upgrade eventsync"
     else:
         state = "needs `eventsync db upgrade` (eventsync sync and run do it by themselves)"
-    typer.echo(f"current: {current or 'none (empty database)'}\nhead:    {head}\n{state}")
+    output.echo(f"current: {current or 'none (empty database)'}")
+    output.echo(f"head:    {head}")
+    output.echo(state)
 
 
 @app.command()
@@ -300,10 +333,10 @@ def _progress(settings: Settings, total: int) -> Iterator[Callable[[], None]]:
 
 def _print_outcome(outcome: JobOutcome) -> None:
     if outcome.error is not None:
-        typer.echo(f"error: {outcome.error} [{outcome.error.kind}]", err=True)
+        say_error(str(outcome.error), kind=outcome.error.kind, job_id=outcome.job_id)
         return
     updated = f", {outcome.updated} updated" if outcome.updated else ""
-    typer.echo(f"{outcome.job_id}: {outcome.new} new{updated}, {outcome.total} total")
+    output.echo(f"{outcome.job_id}: {outcome.new} new{updated}, {outcome.total} total")
 
 
 def _http_client(settings: Settings, **kwargs: Any) -> httpx.Client:
@@ -398,7 +431,7 @@ def run(
             code = daemon.serve()
         finally:
             if server is not None:
-                server.shutdown()
+                server.close()
     if not daemon.idle.is_set():
         exit_now(code)  # a pass is still stuck in I/O: don't wait for its threads
     raise typer.Exit(code)
@@ -450,15 +483,15 @@ def _set_tracked(
 @jobs_app.command("list")
 def jobs_list(
     database_url: DatabaseUrl = None,
-    output: Annotated[
+    fmt: Annotated[
         str, typer.Option("--format", help="table or json.", metavar="FORMAT")
     ] = "table",
 ) -> None:
     """Every job eventsync knows: status, events, last sync, last error."""
     settings = settings_from(database_url=database_url)
     setup_logging(settings)
-    if output not in ("table", "json"):
-        fail(f"--format must be table or json, not {output!r}", code=2)
+    if fmt not in ("table", "json"):
+        fail(f"--format must be table or json, not {fmt!r}", code=2)
     with open_engine(settings) as engine:
         db.ensure_schema(engine)
         with engine.connect() as connection:
@@ -475,26 +508,24 @@ def jobs_list(
         }
         for r in rows
     ]
-    if output == "json":
+    if fmt == "json":
         typer.echo(json.dumps(records, indent=2))
         return
     if not records:
         typer.echo("no jobs yet: add some with `eventsync jobs add ID`, or run `eventsync sync`")
         return
-    table = Table(box=None, pad_edge=False)
-    for name in ("job", "followed", "status", "events", "last sync", "last error"):
-        table.add_column(name, no_wrap=name != "last error")
-    for r in records:
-        status = str(r["status"] or "?") + (" (finished)" if r["finished"] else "")
-        table.add_row(
-            str(r["job_id"]),
-            "yes" if r["followed"] else "",
-            status,
-            str(r["events"]),
-            str(r["last_sync"] or "never"),
-            str(r["last_error"] or ""),
-        )
-    Console().print(table)
+    shown = [
+        {
+            "job": r["job_id"],
+            "followed": "yes" if r["followed"] else "",
+            "status": f"{r['status'] or '?'}{' (finished)' if r['finished'] else ''}",
+            "events": r["events"],
+            "last sync": r["last_sync"] or "never",
+            "last error": r["last_error"],
+        }
+        for r in records
+    ]
+    output.table(shown, list(shown[0]))
 
 
 def _iso(value: datetime | None) -> str | None:

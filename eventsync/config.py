@@ -40,11 +40,15 @@ def api_root(base_url: str) -> str:
 
 
 def mask_url(url: str) -> str:
-    """A database URL with its password replaced by ***, for logs and errors."""
+    """A database URL with its passwords replaced by ***, for logs and errors: the one in the
+    user part, and libpq's `password` and `sslpassword` in the query string."""
     try:
-        return make_url(url).render_as_string(hide_password=True)
+        parsed = make_url(url)
     except ArgumentError:
         return "<unparseable URL>"
+    secret = {key: "***" for key in parsed.query if "password" in key.lower()}
+    rendered = parsed.update_query_dict(secret).render_as_string(hide_password=True)
+    return rendered.replace("=%2A%2A%2A", "=***")  # the query's *** comes back URL-encoded
 
 
 class Settings(BaseSettings):

@@ -9,24 +9,20 @@ import signal
 import threading
 import time
 from collections import Counter as Tally
+from collections.abc import Iterable
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import FrameType
 from typing import Any
+from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
 import httpx
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
-)
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
+from waitress import wasyncore
+from waitress.server import create_server
 
 from eventsync.client import RetryPolicy, TogetherClient
 from eventsync.config import Settings
@@ -139,34 +135,93 @@ class Health:
             return True, {**body, "status": "ok", "reason": self.reason}
 
 
-def serve_status(host: str, port: int, health: Health, metrics: Metrics) -> ThreadingHTTPServer:
-    """/healthz (JSON, 200 or 503) and /metrics (Prometheus text) in a daemon thread."""
+# Bounds of the /healthz and /metrics server (README: "The health and metrics server").
+STATUS_THREADS = 4  # requests answered at once; the others queue (each takes milliseconds)
+STATUS_CONNECTION_LIMIT = 500  # open connections; past it, new ones wait in the backlog
+STATUS_IDLE_TIMEOUT = 10  # seconds a connection may stay silent before it is closed
+STATUS_BACKLOG = 1024  # connections the kernel holds until the server accepts them
+STATUS_MAX_HEADER_BYTES = 8192  # request line and headers; a larger request gets a 431
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            path = self.path.split("?", 1)[0]
-            if path == "/metrics":
-                self._send(200, generate_latest(metrics.registry), CONTENT_TYPE_LATEST)
-            elif path == "/healthz":
-                ok, body = health.check()
-                self._send(200 if ok else 503, json.dumps(body).encode(), "application/json")
-            else:
-                self._send(404, b'{"error": "try /healthz or /metrics"}', "application/json")
 
-        def _send(self, status: int, body: bytes, content_type: str) -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+def status_app(health: Health, metrics: Metrics) -> WSGIApplication:
+    """/healthz (JSON, 200 or 503) and /metrics (Prometheus text, from prometheus-client's
+    own WSGI app); anything else is a 404."""
+    prometheus = make_wsgi_app(metrics.registry)
 
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if environ.get("REQUEST_METHOD") not in ("GET", "HEAD"):
+            error = {"error": "only GET and HEAD"}
+            return _json(start_response, "405 Method Not Allowed", error, [("Allow", "GET, HEAD")])
+        if path == "/metrics":
+            return prometheus(environ, start_response)  # type: ignore[no-any-return]
+        if path == "/healthz":
+            ok, body = health.check()
+            return _json(start_response, "200 OK" if ok else "503 Service Unavailable", body)
+        return _json(start_response, "404 Not Found", {"error": "try /healthz or /metrics"})
 
-    server = ThreadingHTTPServer((host, port), Handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, name="status", daemon=True).start()
-    return server
+    return app
+
+
+def _json(
+    start_response: StartResponse,
+    status: str,
+    body: dict[str, Any],
+    headers: Iterable[tuple[str, str]] = (),
+) -> list[bytes]:
+    data = json.dumps(body).encode()
+    length = str(len(data))
+    start_response(
+        status, [("Content-Type", "application/json"), ("Content-Length", length), *headers]
+    )
+    return [data]
+
+
+class StatusServer:
+    """/healthz and /metrics, served by waitress from a thread of its own until `close()`.
+
+    waitress bounds what clients can hold: a few worker threads, a connection limit, an idle
+    timeout, a listen backlog. The stdlib server it replaces gave every connection a thread
+    for as long as the client liked, behind a backlog of 5.
+    """
+
+    def __init__(self, host: str, port: int, health: Health, metrics: Metrics) -> None:
+        self._sockets: dict[int, Any] = {}  # waitress's socket map, read only by our thread
+        self._server = create_server(
+            status_app(health, metrics),
+            map=self._sockets,
+            host=host,
+            port=port,
+            threads=STATUS_THREADS,
+            connection_limit=STATUS_CONNECTION_LIMIT,
+            channel_timeout=STATUS_IDLE_TIMEOUT,
+            cleanup_interval=1,  # how often idle connections are looked for
+            backlog=STATUS_BACKLOG,
+            max_request_header_size=STATUS_MAX_HEADER_BYTES,
+            max_request_body_size=1024,  # neither endpoint takes a body
+            asyncore_use_poll=True,  # select() fails past file descriptor 1023
+            ident="eventsync",
+        )
+        self._closing = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="status", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        # waitress's own run() loops until the process ends; this loop also ends on close().
+        while not self._closing.is_set():
+            wasyncore.loop(timeout=0.5, use_poll=True, map=self._sockets, count=1)
+        wasyncore.close_all(self._sockets)
+
+    def close(self, timeout: int = 2) -> None:
+        """Stop listening and close every connection, waiting at most about `timeout`."""
+        self._closing.set()
+        self._thread.join(timeout)
+        self._server.task_dispatcher.shutdown(timeout=timeout)
+
+
+def serve_status(host: str, port: int, health: Health, metrics: Metrics) -> StatusServer:
+    """Serve /healthz and /metrics in the background; OSError if the port can't be had."""
+    return StatusServer(host, port, health, metrics)
 
 
 class Daemon:

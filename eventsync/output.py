@@ -1,6 +1,9 @@
 """Printing rows for people and for programs: table, json, jsonl, csv.
 
 Tables follow the terminal: colour and its width on a TTY, plain aligned text when piped.
+What people read is text from outside (the API, the database), so it is printed as text:
+never as rich markup, and with control characters spelled out (`visible`). Programs get the
+data as stored: JSON escapes controls itself, CSV keeps them.
 """
 
 from __future__ import annotations
@@ -14,10 +17,42 @@ from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
+import click
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 FORMATS = ("table", "json", "jsonl", "csv")
+
+# What a terminal would act on rather than show: C0 and C1 controls and DEL (cursor moves,
+# colour, OSC hyperlinks and window titles, carriage returns that overwrite a line), the
+# Unicode marks that reorder or break lines (bidi overrides, isolates, LS/PS), and lone
+# surrogates, which can't even be encoded for the terminal.
+_UNSAFE = re.compile(
+    r"[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]"
+)
+_SPELLED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def visible(text: str, *, keep: str = "") -> str:
+    """Text from outside made safe for a terminal or a log line: each control character (but
+    those in `keep`) is spelled out as an escape, `\\x1b`, `\\n`, `\\u202e`."""
+    if not _UNSAFE.search(text):
+        return text
+
+    def spell(match: re.Match[str]) -> str:
+        char = match.group()
+        if char in keep:
+            return char
+        code = ord(char)
+        return _SPELLED.get(char) or (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+
+    return _UNSAFE.sub(spell, text)
+
+
+def echo(text: str, *, err: bool = False) -> None:
+    """One line for people, on stdout or stderr, with control characters spelled out."""
+    click.echo(visible(text), err=err)
 
 
 def plain(value: Any) -> Any:
@@ -78,7 +113,9 @@ def emit(
 
 
 def table(rows: Sequence[dict[str, Any]], columns: Sequence[str], *, header: bool = True) -> None:
-    console = Console()
+    """Rows as an aligned table. Every header and cell is a rich `Text`, so `[/x]` or
+    `[link=...]` in a message is printed as written, never parsed as markup."""
+    console = Console(highlight=False)
     grid = Table(
         box=None,
         pad_edge=False,
@@ -86,13 +123,18 @@ def table(rows: Sequence[dict[str, Any]], columns: Sequence[str], *, header: boo
         header_style="bold" if console.is_terminal else "",
     )
     for column in columns:
-        grid.add_column(column, overflow="fold")
+        grid.add_column(cell(column), overflow="fold")
     for r in rows:
-        grid.add_row(*("" if r.get(c) is None else str(plain(r.get(c))) for c in columns))
+        grid.add_row(*(cell(r.get(c)) for c in columns))
     if console.is_terminal:
         console.print(grid)
     else:  # piped: no colour, no wrapping to a guessed width
         Console(width=10_000, color_system=None, highlight=False).print(grid)
+
+
+def cell(value: Any) -> Text:
+    """A table cell: the value as plain text, controls spelled out, no markup."""
+    return Text("" if value is None else visible(str(plain(value))))
 
 
 _SPAN = re.compile(r"^(\d+)\s*([smhdw])$")

@@ -8,7 +8,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 from sqlalchemy import Connection, Engine
@@ -16,8 +16,9 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from eventsync import state, writer
 from eventsync.client import TERMINAL_STATUSES, Job, TogetherClient
+from eventsync.config import validate_job_id
 from eventsync.db import write_transaction
-from eventsync.errors import ApiStatusError, EventsyncError, StoreError, first_line
+from eventsync.errors import ApiStatusError, ConfigError, EventsyncError, StoreError, first_line
 from eventsync.events import ParsedEvents, parse_events
 from eventsync.fingerprint import Fingerprint, read_body, whole_body
 
@@ -107,6 +108,7 @@ def plan_jobs(
             raise
         log.warning("could not list jobs, statuses unknown this pass: %s", exc)
         listed = []
+    listed = _valid_ids(listed)
     status = {job.id: job.status for job in listed}
     models = {job.id: job.model for job in listed}
 
@@ -147,6 +149,27 @@ def plan_jobs(
             )
             planned.append(plan)
     return planned
+
+
+def _valid_ids(listed: list[Job]) -> list[Job]:
+    """The listed jobs whose ids pass the check an id from the command line passes. The API
+    is not trusted to send only ids: any other is never requested nor stored, and one
+    warning a pass says so."""
+    valid, invalid = [], []
+    for job in listed:
+        try:
+            valid.append(replace(job, id=validate_job_id(job.id)))
+        except ConfigError:
+            invalid.append(job.id)
+    if invalid:
+        shown = ", ".join(repr(job_id[:80]) for job_id in invalid[:5])
+        log.warning(
+            "the job listing holds %d invalid job id(s), skipped: %s%s",
+            len(invalid),
+            shown,
+            ", ..." if len(invalid) > 5 else "",
+        )
+    return valid
 
 
 def has_ended(job: Job, parsed: ParsedEvents) -> bool:

@@ -81,6 +81,14 @@ def test_postgres_urls_use_psycopg_and_passwords_are_masked() -> None:
     assert mask_url(settings.database_url) == "postgresql+psycopg://u:***@db:5432/events"
 
 
+def test_passwords_in_the_query_string_are_masked() -> None:
+    """libpq also takes `password` and `sslpassword` from the query: both become ***, the
+    other parameters stay readable."""
+    url = "postgresql://u@db/events?sslmode=require&password=s3cret&sslpassword=k3y%21"
+    masked = mask_url(load_settings(database_url=url).database_url)
+    assert masked == "postgresql+psycopg://u@db/events?password=***&sslmode=require&sslpassword=***"
+
+
 def test_generic_api_key_and_base_url_variables_are_ignored(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

@@ -135,3 +135,49 @@ def test_json_logs_redact_tracebacks_and_extra_fields(capsys, monkeypatch, tmp_p
     assert "boom with ***" in record["exc_info"]
     assert record["detail"] == "***"
     assert LEAK not in line
+
+
+QUERY_SECRET = "qs-SECRET-8d2f"
+
+
+def test_a_password_in_the_query_string_is_never_shown(fake: FakeTogether, tmp_path: Path) -> None:
+    """A database that can't be reached is one line naming it, with ?password= and
+    ?sslpassword= masked like a password in the user part."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("EVENTSYNC_", "TOGETHER_"))}
+    url = f"postgresql://u@127.0.0.1:9/x?password={QUERY_SECRET}&sslpassword={QUERY_SECRET}-ssl"
+    env = {**base, "TOGETHER_API_KEY": "k-12345678", "TOGETHER_BASE_URL": fake.base_url}
+    for args in (["db", "upgrade"], ["sync", "-v", "--job-id", "ft-a"], ["status"]):
+        done = subprocess.run(
+            [EVENTSYNC, *args, "--database-url", url],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 1
+        assert done.stderr.startswith(
+            "error: database postgresql+psycopg://u@127.0.0.1:9/x?password=***&sslpassword=***: "
+            "connection failed"
+        )
+        assert len(done.stderr.splitlines()) == 1
+        assert QUERY_SECRET not in done.stdout + done.stderr
+
+
+def test_db_upgrade_masks_a_password_in_the_query_string(pg_db_url: str, tmp_path: Path) -> None:
+    """`db upgrade` names the database it migrated, and its logs, without the password."""
+    url = f"{pg_db_url}?password={QUERY_SECRET}"  # the test server trusts any password
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("EVENTSYNC_", "TOGETHER_"))}
+    done = subprocess.run(
+        [EVENTSYNC, "db", "upgrade", "-v", "--database-url", url],
+        cwd=tmp_path,
+        env=base,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"{pg_db_url}?password=***: upgraded empty database -> ")
+    assert QUERY_SECRET not in done.stdout + done.stderr
