@@ -255,6 +255,8 @@ def _sqlite_query(driver: Any, sql: str, *, timeout: float, max_rows: int) -> Qu
         return timed_out  # true aborts the statement with "interrupted"
 
     driver.set_progress_handler(past_deadline, _PROGRESS_STEPS)
+    # A wait for another process's lock runs no instructions: the busy timeout bounds it.
+    driver.execute(f"PRAGMA busy_timeout = {max(1, round(timeout * 1000))}")
     cursor = driver.cursor()
     try:
         # sqlite3 refuses a second statement itself, and steps through the rows lazily.
