@@ -72,7 +72,7 @@ def test_sql_runs_one_statement_only(url: str, engine: Engine, tmp_path: Path, s
         "ROLLBACK",
         "START TRANSACTION READ WRITE",
         "COPY fine_tune_events TO STDOUT",
-        "COPY (SELECT 1) TO PROGRAM 'true'",
+        "COPY (SELECT 1) TO PROGRAM 'touch {marker}'",
         "DO $$ BEGIN DELETE FROM fine_tune_events; END $$",
         "SET default_transaction_read_only = off",
         "RESET ALL",
@@ -89,12 +89,19 @@ def test_sql_runs_one_statement_only(url: str, engine: Engine, tmp_path: Path, s
         "",
     ],
 )
-def test_sql_refuses_what_is_not_a_read(reader: Engine, sql: str) -> None:
+def test_sql_refuses_what_is_not_a_read(
+    reader: Engine, sql: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Transaction control, COPY, DO, SET, PRAGMA, ATTACH, EXPLAIN ANALYZE... are refused
-    before they reach the database, with a one-line reason."""
+    before they reach the database, with a one-line reason, and create no file."""
+    monkeypatch.chdir(tmp_path)  # where ATTACH and VACUUM INTO would create theirs
+    before = set(tmp_path.iterdir())
+    marker = Path(f"/tmp/eventsync-{uuid.uuid4().hex}")
     with pytest.raises(QueryRefused) as refused:
-        query(reader, sql)
+        query(reader, sql.format(marker=marker))
     assert "\n" not in str(refused.value)
+    assert not marker.exists()
+    assert set(tmp_path.iterdir()) == before
 
 
 def test_sql_refusal_is_one_line_exit_2(url: str, tmp_path: Path) -> None:
@@ -126,17 +133,26 @@ def test_sql_writes_that_slip_through_are_refused_by_the_database(
 
 
 def test_sql_session_changes_die_with_the_connection(url: str, engine: Engine) -> None:
-    """set_config(...) in a query can't make a later read-write: the connection is thrown
-    away after each query, never handed back to the pool."""
+    """Nothing a query does to its session outlives it: set_config(...) is rolled back, and
+    the connection is thrown away after each query, never handed back to the pool, so not
+    even a session-level advisory lock (which a rollback keeps) stays held."""
     if engine.dialect.name != "postgresql":
-        pytest.skip("set_config is Postgres's")
+        pytest.skip("session state is Postgres's")
+    key = uuid.uuid4().int % 2**31
     reader = db.open_reader(url)
     try:
         answer = query(reader, "SELECT set_config('default_transaction_read_only', 'off', false)")
         assert answer == [("off",)]
+        assert query(reader, f"SELECT pg_advisory_lock({key})") == [("",)]
         with reader.connect() as conn:
             assert conn.exec_driver_sql("SHOW default_transaction_read_only").scalar() == "on"
             assert conn.exec_driver_sql("SHOW transaction_read_only").scalar() == "on"
+        with engine.connect() as conn:
+            held = conn.execute(
+                text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = :k"),
+                {"k": key},
+            )
+            assert held.scalar_one() == 0
     finally:
         reader.dispose()
 
