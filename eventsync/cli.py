@@ -20,11 +20,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from eventsync import __version__, db, output, store
+from eventsync import __version__, db, output, reads, state
 from eventsync.client import RetryPolicy, TogetherClient, make_http_client
 from eventsync.config import Settings, load_settings, mask_url
 from eventsync.daemon import Daemon, Metrics, exit_now, serve_status
-from eventsync.errors import ConfigError, EventsyncError, first_line
+from eventsync.errors import ConfigError, EventsyncError, QueryError, QueryRefused, first_line
 from eventsync.sync import JobOutcome, plan_jobs, run_pass, tune_gc
 
 log = logging.getLogger("eventsync")
@@ -185,11 +185,17 @@ def settings_from(**overrides: object) -> Settings:
 
 
 @contextmanager
-def open_engine(settings: Settings) -> Iterator[Engine]:
-    """An engine for the settings' database; open or migration failures are one-line errors."""
+def open_engine(settings: Settings, *, read_only: bool = False) -> Iterator[Engine]:
+    """An engine for the settings' database; open or migration failures are one-line errors.
+    `read_only`: one that only reads a database that exists at the newest revision."""
     where = mask_url(settings.database_url)
     try:
-        engine = db.make_engine(settings.database_url, pool_size=settings.concurrency)
+        if read_only:
+            engine = db.open_reader(settings.database_url)
+        else:
+            engine = db.make_engine(settings.database_url, pool_size=settings.concurrency)
+    except ConfigError as exc:
+        fail(str(exc))
     except (SQLAlchemyError, ImportError, OSError) as exc:
         fail(f"database {where}: {first_line(exc)}")
     try:
@@ -475,7 +481,7 @@ def _set_tracked(
     with open_engine(settings) as engine:
         db.ensure_schema(engine)
         with engine.begin() as connection:
-            changed = store.set_tracked(connection, settings.job_ids, tracked=tracked)
+            changed = state.set_tracked(connection, settings.job_ids, tracked=tracked)
     for job in settings.job_ids:
         typer.echo(f"{job}: {said[0] if job in changed else said[1]}")
 
@@ -492,10 +498,8 @@ def jobs_list(
     setup_logging(settings)
     if fmt not in ("table", "json"):
         fail(f"--format must be table or json, not {fmt!r}", code=2)
-    with open_engine(settings) as engine:
-        db.ensure_schema(engine)
-        with engine.connect() as connection:
-            rows = store.job_states(connection)
+    with open_engine(settings, read_only=True) as engine, engine.connect() as connection:
+        rows = state.job_states(connection)
     records = [
         {
             "job_id": r.job_id,
@@ -552,12 +556,10 @@ def status(database_url: DatabaseUrl = None, fmt: Format = "table") -> None:
     _check_format(fmt, ("table", "json"))
     settings = settings_from(database_url=database_url)
     setup_logging(settings)
-    with open_engine(settings) as engine:
-        db.ensure_schema(engine)
-        with engine.connect() as connection:
-            rows = store.job_summaries(connection)
+    with open_engine(settings, read_only=True) as engine, engine.connect() as connection:
+        rows = reads.job_summaries(connection)
     if fmt == "json":
-        output.emit(rows, store.SUMMARY_COLUMNS, "json")
+        output.emit(rows, reads.SUMMARY_COLUMNS, "json")
         return
     if not rows:
         typer.echo("no jobs yet: run `eventsync sync --job-id ID` or `eventsync jobs add ID`")
@@ -618,21 +620,20 @@ def events(
         fail(str(exc), code=2)
     settings = settings_from(database_url=database_url, job_ids=[job_id])
     setup_logging(settings)
-    with open_engine(settings) as engine:
-        db.ensure_schema(engine)
+    with open_engine(settings, read_only=True) as engine:
         with engine.connect() as connection:
-            rows = store.job_timeline(
+            rows = reads.job_timeline(
                 connection, job_id, event_type=event_type, since=since_at, limit=limit
             )
         if not rows and not follow:
             with engine.connect() as connection:
-                known = any(r.job_id == job_id for r in store.job_states(connection))
+                known = any(r.job_id == job_id for r in state.job_states(connection))
             if not known:
                 fail(
                     f"no events stored for job {job_id}: sync it first "
                     f"(eventsync sync --job-id {job_id})"
                 )
-        columns = store.TIMELINE_COLUMNS
+        columns = reads.TIMELINE_COLUMNS
         output.emit(rows, columns, "jsonl" if follow and fmt == "json" else fmt)
         if not follow:
             return
@@ -642,7 +643,7 @@ def events(
             while True:
                 time.sleep(1.0)
                 with engine.connect() as connection:
-                    new = store.job_timeline(
+                    new = reads.job_timeline(
                         connection, job_id, event_type=event_type, since=since_at, after_seq=last
                     )
                 if new:
@@ -653,27 +654,45 @@ def events(
             return
 
 
-@app.command("sql")
+@app.command("sql", context_settings={"ignore_unknown_options": True})
 def sql_command(
     query: Annotated[str, typer.Argument(metavar="QUERY", help="One read-only SQL query.")],
+    timeout: Annotated[
+        float,
+        typer.Option(
+            "--timeout",
+            metavar="SECONDS",
+            min=0.001,
+            max=86_400,
+            help="Stop the query after this many seconds.",
+        ),
+    ] = 30,
+    max_rows: Annotated[
+        int,
+        typer.Option("--max-rows", metavar="N", min=1, help="Print at most N rows."),
+    ] = 10_000,
     database_url: DatabaseUrl = None,
     fmt: Format = "table",
 ) -> None:
-    """Run a read-only SQL query and print the answer, for those without sqlite3 or psql.
-    Anything that could write is refused."""
+    """Run one read-only SQL query and print the answer, for those without sqlite3 or psql.
+    Anything that could write is refused, and so is a second statement."""
     _check_format(fmt)
     settings = settings_from(database_url=database_url)
     setup_logging(settings)
-    with open_engine(settings) as engine:
-        db.ensure_schema(engine)
-        with engine.connect() as connection:
-            try:
-                columns, rows = store.read_only_query(connection, query)
-            except ValueError as exc:
-                fail(str(exc), code=2)
-            except store.QueryError as exc:
-                fail(f"query failed: {exc}")
-    output.emit([dict(zip(columns, row, strict=True)) for row in rows], columns, fmt)
+    with open_engine(settings, read_only=True) as engine:
+        try:
+            result = reads.read_only_query(engine, query, timeout=timeout, max_rows=max_rows)
+        except QueryRefused as exc:
+            fail(str(exc), code=2)
+        except QueryError as exc:
+            fail(f"query failed: {exc}")
+    columns = result.columns
+    output.emit([dict(zip(columns, row, strict=True)) for row in result.rows], columns, fmt)
+    if result.cut:
+        typer.echo(
+            f"note: showing the first {max_rows:,} rows; more were cut: use --max-rows",
+            err=True,
+        )
 
 
 def main() -> None:

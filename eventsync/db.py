@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from alembic import command
 from alembic.config import Config
@@ -17,7 +18,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util import CommandError as AlembicError
 from sqlalchemy import Connection, Engine, create_engine, event, text
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import NullPool
 
@@ -114,6 +115,88 @@ def _checkpoint(engine: Engine) -> None:
         log.warning("could not checkpoint the SQLite WAL: %s", first_line(exc))
 
 
+def open_reader(url: str) -> Engine:
+    """An engine that can only read an eventsync database that already exists at the newest
+    revision: it creates no file or folder, and migrates nothing. ConfigError, with what to
+    run, otherwise."""
+    engine = _read_only_engine(url)
+    try:
+        _check_readable(engine, url)
+    except BaseException:
+        engine.dispose()
+        raise
+    return engine
+
+
+def _read_only_engine(url: str) -> Engine:
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        database = parsed.database or ""
+        path = Path(database).expanduser() if database != ":memory:" else None
+        if path is None or not path.is_file():
+            raise ConfigError(_no_database(database or ":memory:"))
+        # mode=ro: SQLite opens the file read-only, and never creates it. No WAL or
+        # synchronous pragma: they are a writer's settings, and the file keeps its journal mode.
+        read_only = URL.create(
+            "sqlite",
+            database=f"file:{quote(str(path.resolve()))}",
+            query={"mode": "ro", "uri": "true"},
+        )
+        engine = create_engine(read_only, connect_args={"timeout": _SQLITE_BUSY_SECONDS})
+        event.listen(engine, "connect", _sqlite_query_only)
+        return engine
+    engine = create_engine(parsed, pool_pre_ping=True, pool_size=2, max_overflow=2)
+    event.listen(engine, "connect", _postgres_read_only_session)
+    return engine
+
+
+def _sqlite_query_only(dbapi_connection: Any, _record: Any) -> None:
+    # Also refuses writes to the TEMP database, which mode=ro does not cover.
+    dbapi_connection.execute("PRAGMA query_only = ON")
+
+
+def _postgres_read_only_session(dbapi_connection: Any, _record: Any) -> None:
+    """Every transaction of the session starts read-only, so that not even a bug in a read
+    can write. Set outside a transaction, so that no rollback undoes it."""
+    autocommit = dbapi_connection.autocommit
+    dbapi_connection.autocommit = True
+    try:
+        dbapi_connection.execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
+    finally:
+        dbapi_connection.autocommit = autocommit
+
+
+def _no_database(where: str) -> str:
+    return f"no eventsync database at {where}: run `eventsync sync` or `eventsync db upgrade` first"
+
+
+def _check_readable(engine: Engine, url: str) -> None:
+    current = current_revision(engine)
+    head = head_revision()
+    if current is None:
+        parsed = make_url(url)
+        where = (
+            parsed.database or ""
+            if parsed.get_backend_name() == "sqlite"
+            else parsed.render_as_string(hide_password=True)
+        )
+        raise ConfigError(_no_database(where))
+    if not is_known_revision(current):
+        raise ConfigError(_newer_than_eventsync(current, head))
+    if current != head:
+        raise ConfigError(
+            f"the database is at schema revision {current}, this eventsync needs {head}: "
+            "run `eventsync db upgrade`"
+        )
+
+
+def _newer_than_eventsync(revision: str, head: str | None) -> str:
+    return (
+        f"the database is at schema revision {revision}, which this eventsync "
+        f"(newest revision {head}) does not know: upgrade eventsync"
+    )
+
+
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     # WAL lets `sqlite3 eventsync.db` read while a sync writes; the busy timeout makes
@@ -196,10 +279,7 @@ def upgrade(engine: Engine) -> tuple[str | None, str | None]:
         before = MigrationContext.configure(connection).get_current_revision()
         head = head_revision()
         if before is not None and not is_known_revision(before):
-            raise ConfigError(
-                f"the database is at schema revision {before}, which this eventsync "
-                f"(newest revision {head}) does not know: upgrade eventsync"
-            )
+            raise ConfigError(_newer_than_eventsync(before, head))
         if before != head:
             command.upgrade(alembic_config(connection), "head")
             connection.commit()

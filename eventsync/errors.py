@@ -8,7 +8,9 @@
     │   └── ApiStatusError         any other non-2xx status
     ├── TransportError             no usable answer: connect error, timeout, cut-off body
     ├── PayloadError               a 2xx answer whose body is not the JSON shape we expect
-    └── StoreError                 the database failed while storing
+    ├── StoreError                 the database failed while storing
+    └── QueryError                 a query of `eventsync sql` failed (or timed out)
+        └── QueryRefused           ... or was refused before it ran: not one read statement
 
 Messages are safe to print: they never contain the API key.
 """
@@ -74,6 +76,18 @@ class StoreError(EventsyncError):
     """The database failed while storing a job."""
 
     kind = "database"
+
+
+class QueryError(EventsyncError):
+    """A query of `eventsync sql` failed in the database, or ran past its timeout."""
+
+    kind = "query"
+
+
+class QueryRefused(QueryError):
+    """A query of `eventsync sql` that is not one read-only statement; the user can fix it."""
+
+    kind = "refused"
 
 
 def first_line(exc: BaseException) -> str:

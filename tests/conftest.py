@@ -21,7 +21,8 @@ from sqlalchemy.engine import make_url
 from eventsync import db
 from eventsync.client import make_http_client
 from eventsync.fakeapi import FakeTogether
-from tests.helpers import API_KEY, make_settings
+from tests.helpers import API_KEY, make_settings, sync_pass
+from tests.history import load
 
 DEFAULT_PG = "postgresql+psycopg://127.0.0.1:5432/test"
 
@@ -98,6 +99,15 @@ def engine(db_url: str) -> Iterator[Engine]:
     db.upgrade(engine)
     yield engine
     engine.dispose()
+
+
+@pytest.fixture
+def url(fake: FakeTogether, engine: Engine) -> str:
+    """A database holding the known history (tests/history.py), for the read commands."""
+    load(fake)
+    sync_pass(fake, engine, ["ft-done", "ft-run", "ft-fail"])
+    fake.api_key = "the-read-commands-must-not-call-the-api"
+    return engine.url.render_as_string(hide_password=False)
 
 
 @pytest.fixture

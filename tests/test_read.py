@@ -13,21 +13,15 @@ import time
 from pathlib import Path
 
 import pytest
+from alembic import command as alembic
 from sqlalchemy import Engine, text
+from sqlalchemy.engine import make_url
 
+from eventsync import db
 from eventsync.fakeapi import FakeTogether, make_event
 from tests.helpers import sync_pass, wait_until
 from tests.history import load
 from tests.test_cli import EVENTSYNC, run
-
-
-@pytest.fixture
-def url(fake: FakeTogether, engine: Engine) -> str:
-    """A database holding the known history (tests/history.py)."""
-    load(fake)
-    sync_pass(fake, engine, ["ft-done", "ft-run", "ft-fail"])
-    fake.api_key = "the-read-commands-must-not-call-the-api"
-    return engine.url.render_as_string(hide_password=False)
 
 
 def test_status_json(url: str, tmp_path: Path) -> None:
@@ -203,3 +197,109 @@ def test_read_commands_never_call_the_api(url: str, fake: FakeTogether, tmp_path
     time.sleep(0.1)
     assert len(fake.arrivals) == before
     wait_until(lambda: True, timeout=1)
+
+
+# -- the read commands open the database read-only, and never create or migrate it ----------
+
+READ_COMMANDS = [
+    ("status",),
+    ("events", "ft-done"),
+    ("events", "ft-done", "--follow"),
+    ("sql", "SELECT 1"),
+    ("jobs", "list"),
+]
+HOW_TO_CREATE = "run `eventsync sync` or `eventsync db upgrade` first"
+
+
+def tree(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+@pytest.mark.parametrize("command", READ_COMMANDS, ids=" ".join)
+def test_read_commands_create_nothing(tmp_path: Path, command: tuple[str, ...]) -> None:
+    """A missing database file or folder (a typo, the wrong folder) is one line saying what
+    to run, exit 1, and nothing is created on disk."""
+    (tmp_path / "data").mkdir()
+    for given, shown in (
+        (f"sqlite:///{tmp_path}/data/typo.db", f"{tmp_path}/data/typo.db"),
+        (
+            f"sqlite:///{tmp_path}/no/such/folder/eventsync.db",
+            f"{tmp_path}/no/such/folder/eventsync.db",
+        ),
+        (None, "eventsync.db"),  # the default, in the working folder
+    ):
+        url = ["--database-url", given] if given else []
+        result = run(*command, *url, cwd=tmp_path)
+        assert result.returncode == 1
+        assert result.stderr == f"error: no eventsync database at {shown}: {HOW_TO_CREATE}\n"
+        assert tree(tmp_path) == ["data"]
+
+
+def schema_at(db_url: str, revision: str | None) -> None:
+    """Leave the database empty (None), at an older revision, or at one unknown to us."""
+    engine = db.make_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            if revision in ("0002", "f00d"):
+                alembic.upgrade(db.alembic_config(conn), "0002")
+                conn.commit()
+            if revision == "f00d":
+                conn.execute(text("UPDATE alembic_version SET version_num = 'f00d'"))
+                conn.commit()
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("revision", [None, "0002", "f00d"])
+def test_read_commands_never_migrate(db_url: str, tmp_path: Path, revision: str | None) -> None:
+    """An empty database, an older schema (which they used to migrate), or a newer one:
+    one line saying what to run, exit 1, and the schema is left as it was."""
+    schema_at(db_url, revision)
+    where = make_url(db_url)
+    shown = (
+        where.database
+        if where.get_backend_name() == "sqlite"
+        else where.render_as_string(hide_password=True)
+    )
+    expected = {
+        None: f"no eventsync database at {shown}: {HOW_TO_CREATE}",
+        "0002": "the database is at schema revision 0002, this eventsync needs "
+        f"{db.head_revision()}: run `eventsync db upgrade`",
+        "f00d": "the database is at schema revision f00d, which this eventsync "
+        f"(newest revision {db.head_revision()}) does not know: upgrade eventsync",
+    }[revision]
+    for command in READ_COMMANDS:
+        result = run(*command, "--database-url", db_url, cwd=tmp_path)
+        assert (result.returncode, result.stderr) == (1, f"error: {expected}\n"), command
+    engine = db.make_engine(db_url)
+    try:
+        assert db.current_revision(engine) == revision
+    finally:
+        engine.dispose()
+
+
+def test_reads_a_wal_database_held_open_and_one_closed_cleanly(
+    fake: FakeTogether, tmp_path: Path
+) -> None:
+    """A read-only open works on a SQLite file that a running sync or daemon holds open
+    (its rows still in the -wal file, a -shm beside it) and on one that was closed cleanly
+    (no -wal, no -shm): the -shm is where readers of a WAL database meet the writer."""
+    path = tmp_path / "eventsync.db"
+    url = f"sqlite:///{path}"
+    writer = db.make_engine(url)
+    db.upgrade(writer)
+    load(fake)
+    sync_pass(fake, writer, ["ft-done", "ft-run", "ft-fail"])
+    wal = path.with_name("eventsync.db-wal")
+    try:
+        with writer.connect():  # the daemon is still running
+            assert wal.stat().st_size > 0
+            held = run("status", "--format", "json", "--database-url", url, cwd=tmp_path)
+            assert held.returncode == 0, held.stderr
+            assert len(json.loads(held.stdout)) == 3
+    finally:
+        writer.dispose()
+    assert not wal.exists()
+    closed = run("status", "--format", "json", "--database-url", url, cwd=tmp_path)
+    assert closed.returncode == 0, closed.stderr
+    assert len(json.loads(closed.stdout)) == 3

@@ -1,4 +1,4 @@
-"""sync.py + store.py on SQLite and Postgres: exactly once, in order, one transaction per job."""
+"""sync, writer and state on SQLite and Postgres: exactly once, in order, a transaction a job."""
 
 from __future__ import annotations
 
