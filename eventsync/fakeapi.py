@@ -6,9 +6,9 @@ real HTTP (stdlib, keep-alive), with either event generation:
 - "2026-04": every event has `hash` and `training_offset` (the older public spec);
 - "2026-08": neither, plus `tokenized_dataset_path` and the early-stopping fields.
 
-Run it standalone to try eventsync without a Together account:
+Run it standalone to try eventsync without a Together account (see eventsync.demo):
 
-    python -m eventsync.fakeapi --port 8765 --key demo-key --jobs 3 --events 20
+    python -m eventsync.fakeapi --port 8765 --key demo-key
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import unquote, urlsplit
+
+from eventsync.demo import Demo
 
 GENERATIONS = ("2026-04", "2026-08")
 LIFECYCLE = [
@@ -117,6 +119,7 @@ class Fault:
     status: int = 503
     headers: dict[str, str] = field(default_factory=dict)
     seconds: float = 2.0
+    message: str | None = None  # the error body's message (default: "injected STATUS")
 
 
 # A handler returns (status, body bytes, headers) or None to serve the request normally.
@@ -360,7 +363,7 @@ def _fault_reply(fault: Fault) -> tuple[int, bytes, str]:
         return 200, b'{"data": {"object": "fine-tune-event"}}', "application/json"
     body = {
         "error": {
-            "message": f"injected {fault.status}",
+            "message": fault.message or f"injected {fault.status}",
             "type": "server_error",
             "param": None,
             "code": None,
@@ -389,15 +392,20 @@ def _error(status: int, message: str, code: str) -> tuple[int, bytes, dict[str, 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m eventsync.fakeapi",
-        description="Serve a fake Together fine-tuning API on loopback with demo jobs.",
+        description="Serve a fake Together fine-tuning API on loopback: the demo's jobs "
+        "(completed, failed, cancelled, queued, and three still training, which gain events "
+        "as time passes), plus any synthetic jobs asked for.",
     )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--key", default="demo-key", help="the API key clients must send")
-    parser.add_argument("--jobs", type=int, default=3, help="demo jobs to create")
-    parser.add_argument("--events", type=int, default=20, help="events per job at start")
     parser.add_argument(
-        "--tick", type=float, default=0.0, help="add one event to each running job every N s"
+        "--no-demo", action="store_true", help="leave out the demo's jobs (synthetic ones only)"
+    )
+    parser.add_argument("--jobs", type=int, default=0, help="synthetic jobs to add, for load")
+    parser.add_argument("--events", type=int, default=20, help="events per synthetic job")
+    parser.add_argument(
+        "--tick", type=float, default=0.0, help="add an event to each synthetic job every N s"
     )
     parser.add_argument(
         "--fault-rate",
@@ -408,9 +416,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     fake = FakeTogether(api_key=args.key)
     fake.fault_rate = args.fault_rate
-    for i in range(args.jobs):
-        generation = GENERATIONS[i % 2]
-        fake.add_job(f"ft-demo-{i:04d}", events=args.events, generation=generation)
+    demo = Demo()
+    if not args.no_demo:
+        demo.install(fake)
+        demo.keep_current(fake)
+    synthetic = [f"ft-load-{i:04d}" for i in range(args.jobs)]
+    for i, job_id in enumerate(synthetic):
+        fake.add_job(job_id, events=args.events, generation=GENERATIONS[i % 2])
     url = fake.start(args.host, args.port)
     print(
         f"fake Together API on {url} (key {args.key!r}); jobs: {', '.join(fake.jobs)}", flush=True
@@ -418,11 +430,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         while True:
             time.sleep(args.tick or 3600)
-            if args.tick:
-                for job_id, job in list(fake.jobs.items()):
-                    if job.status == "running":
-                        fake.add_events(job_id, 1)
+            for job_id in synthetic if args.tick else ():
+                fake.add_events(job_id, 1)
     except KeyboardInterrupt:
+        demo.stop()
         fake.stop()
 
 

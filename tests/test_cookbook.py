@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -14,9 +14,11 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, text
 
+from eventsync import reads
 from eventsync.datasette import METADATA
+from eventsync.demo import Demo
 from eventsync.fakeapi import FakeTogether
-from eventsync.output import as_utc
+from eventsync.output import as_utc, parse_since
 from tests.helpers import REPO, sync_pass
 from tests.history import load
 
@@ -157,3 +159,34 @@ def test_datasette_serves_the_canned_queries(fake: FakeTogether, tmp_path: Path)
         assert len(rows) == len(want)
         for row, expected in zip(rows, want, strict=True):
             assert matches(tuple(row), expected), (row, expected)
+
+
+def test_every_cookbook_query_answers_against_the_demo(fake: FakeTogether, engine: Engine) -> None:
+    """The offline demo shows real life: after its first sync (in which the flaky job
+    fails), every README query returns rows, the jobs are completed, failed, cancelled,
+    queued and running, `--since 2d` finds events, and running jobs gain events over time."""
+    demo = Demo(started=datetime.now(UTC))
+    demo.install(fake)
+    first = sync_pass(fake, engine, all_jobs=True)
+    assert [o.job_id for o in first.outcomes if not o.ok] == ["ft-flaky"]
+    with engine.connect() as conn:
+        for title, sql in cookbook():
+            rows = conn.execute(text(sql.rstrip(";"))).all()
+            assert rows, title
+        summary = text("SELECT job_id, status FROM fine_tune_job_summary")
+        statuses = {job: status for job, status in conn.execute(summary)}
+    assert {statuses[j] for j in ("ft-done", "ft-fail", "ft-cancel", "ft-queued")} == {
+        "completed",
+        "error",
+        "cancelled",
+        "pending",
+    }
+    assert {statuses[f"ft-lr-{lr}"] for lr in ("1e-5", "3e-5", "1e-4")} == {"running"}
+    with engine.connect() as conn:
+        recent = reads.job_timeline(conn, "ft-lr-1e-5", since=parse_since("2d"))
+    assert recent
+    demo.refresh(fake, now=datetime.now(UTC) + timedelta(minutes=3))
+    later = {o.job_id: o for o in sync_pass(fake, engine, all_jobs=True).outcomes}
+    assert later["ft-flaky"].ok  # the upstream recovered
+    assert all(later[f"ft-lr-{lr}"].new > 0 for lr in ("1e-5", "3e-5", "1e-4"))
+    assert later["ft-done"].new == 0
