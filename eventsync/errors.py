@@ -8,6 +8,7 @@
     │   └── ApiStatusError         any other non-2xx status
     ├── TransportError             no usable answer: connect error, timeout, cut-off body
     ├── PayloadError               a 2xx answer whose body is not the JSON shape we expect
+    │   └── RefusedBodyError       a body not read at all: over the size cap, unasked encoding
     └── StoreError                 the database failed while storing
 
 Messages are safe to print: they never contain the API key.
@@ -68,6 +69,11 @@ class PayloadError(EventsyncError):
     """The answer was not the JSON shape the API documents."""
 
     kind = "payload"
+
+
+class RefusedBodyError(PayloadError):
+    """A body eventsync won't read (too large, or compressed in a way it didn't ask for):
+    the same request would get the same answer."""
 
 
 class StoreError(EventsyncError):

@@ -118,7 +118,7 @@ def test_waits_asked_for_are_capped_at_60s(http_client: httpx.Client) -> None:
     """A server asking for an hour gets 60 s at most."""
     error = ApiStatusError("slow down", status_code=503)
     error.retry_after = 3600
-    assert TogetherClient(http_client, RetryPolicy())._backoff(error) == 60
+    assert TogetherClient(http_client, RetryPolicy())._decide(error) == 60
 
 
 def test_429_pauses_every_worker(fake: FakeTogether, engine: Engine) -> None:
