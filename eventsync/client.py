@@ -31,6 +31,7 @@ from eventsync.errors import (
     PayloadError,
     RefusedBodyError,
     TransportError,
+    UnreachableError,
 )
 
 log = logging.getLogger(__name__)
@@ -154,6 +155,9 @@ class TogetherClient:
         # A 429 pauses every worker, not just the one that got it.
         self._gate = threading.Lock()
         self._paused_until = 0.0
+        # Whether the server has answered anything yet; until it has, a failed connect means a
+        # wrong URL or no network, which no retry fixes.
+        self._answered = False
 
     def list_jobs(self) -> list[Job]:
         try:
@@ -234,6 +238,8 @@ class TogetherClient:
 
     def _decide(self, exc: Exception) -> bool | float:
         """Whether a failure is worth another try, and how long the server asks us to wait."""
+        if isinstance(exc, UnreachableError):
+            return self._answered
         if isinstance(exc, RefusedBodyError):
             return False
         if isinstance(exc, TransportError | PayloadError):
@@ -279,6 +285,7 @@ class TogetherClient:
         """
         try:
             with self.http.stream("GET", path) as response:
+                self._answered = True
                 if response.is_redirect:
                     location = response.headers.get("location", "?")
                     raise ApiStatusError(
@@ -298,6 +305,8 @@ class TogetherClient:
             raise RefusedBodyError(f"{what}: bad payload: {exc}") from None
         except transport.BodyError as exc:
             raise PayloadError(f"{what}: bad payload: {exc}") from None
+        except httpx.ConnectError as exc:
+            raise UnreachableError(f"{what}: network error: {type(exc).__name__}: {exc}") from None
         except httpx.TimeoutException as exc:
             if transport.overdue():
                 raise TransportError(

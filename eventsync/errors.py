@@ -7,6 +7,7 @@
     │   ├── NotFoundError          404: the job does not exist (for this key)
     │   └── ApiStatusError         any other non-2xx status
     ├── TransportError             no usable answer: connect error, timeout, cut-off body
+    │   └── UnreachableError       no connection at all: DNS failure, refused, unreachable
     ├── PayloadError               a 2xx answer whose body is not the JSON shape we expect
     │   └── RefusedBodyError       a body not read at all: over the size cap, unasked encoding
     └── StoreError                 the database failed while storing
@@ -63,6 +64,10 @@ class TransportError(EventsyncError):
     """The request did not get a complete answer."""
 
     kind = "network"
+
+
+class UnreachableError(TransportError):
+    """No connection could be made: the host name doesn't resolve, or nothing listens."""
 
 
 class PayloadError(EventsyncError):
