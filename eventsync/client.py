@@ -230,7 +230,10 @@ class TogetherClient:
                     f"{error} (not retried: the wait would pass the request deadline, "
                     f"{policy.deadline:g} s, EVENTSYNC_REQUEST_DEADLINE)",
                 )
-            raise self._masked(error) from None
+            # The error outlives the request (the job's outcome keeps it), and its traceback and
+            # context would keep the frames they passed through, the body among their locals.
+            error.__context__ = None
+            raise self._masked(error).with_traceback(None) from None
         raise AssertionError("unreachable: stamina either returns or raises")
 
     def _described(self, exc: Exception) -> object:

@@ -3,6 +3,7 @@ further than a cap, counted after decompression."""
 
 from __future__ import annotations
 
+import io
 import socket
 import threading
 import time
@@ -203,17 +204,20 @@ def read_body(response: httpx.Response, limit: int, *, cut: bool = False) -> byt
         declared = response.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
             raise BodyTooLarge(limit)
-    parts: list[bytes] = []
-    size = 0
+    # BytesIO grows in place and hands its buffer over at the end: the body is in memory once,
+    # not once in pieces and again joined.
+    body = io.BytesIO()
     for piece in _decoded(response.iter_raw(), coding):
-        size += len(piece)
-        if size > limit:
+        if body.tell() + len(piece) > limit:
             if not cut:
+                # Freed now: the exception's traceback keeps this frame, and the error the job
+                # reports keeps the exception.
+                body.close()
                 raise BodyTooLarge(limit)
-            parts.append(piece[: len(piece) - (size - limit)])
+            body.write(piece[: limit - body.tell()])
             break
-        parts.append(piece)
-    return b"".join(parts)
+        body.write(piece)
+    return body.getvalue()
 
 
 def _content_coding(headers: httpx.Headers) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import time
+import traceback
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -140,6 +141,18 @@ def test_a_gzip_bomb_fails_its_job_not_the_process(fake: FakeTogether) -> None:
         with pytest.raises(RefusedBodyError, match=r"over 8 MB \(EVENTSYNC_MAX_BODY_MB\)"):
             client.job_events("ft-1")
     assert fetches(fake, "ft-1") == 1
+
+
+def test_a_failed_request_keeps_nothing_of_its_body(fake: FakeTogether) -> None:
+    """The error of a failed request, which the job's outcome keeps for the rest of the pass,
+    holds no context and no frame below the client's, so none of the body in their locals."""
+    fake.override = lambda path: (200, b'{"data": [{"a": 1},' + b" " * 1000, {})
+    settings = make_settings(fake, "sqlite:///unused.db")
+    with make_http_client(settings) as http, pytest.raises(PayloadError) as caught:
+        TogetherClient(http, FAST_RETRY).job_events("ft-1")
+    assert caught.value.__context__ is None
+    frames = [frame.f_code.co_name for frame, _ in traceback.walk_tb(caught.value.__traceback__)]
+    assert frames[-1] == "_get"
 
 
 def test_peak_memory_under_a_gzip_bomb_stays_near_the_cap() -> None:
