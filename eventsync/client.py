@@ -287,7 +287,8 @@ class TogetherClient:
         A body left unread when the block ends closes its connection instead of being drained.
         """
         try:
-            with self.http.stream("GET", path) as response:
+            timeout = transport.clamped(self.http.timeout)
+            with self.http.stream("GET", path, timeout=timeout) as response:
                 self._answered = True
                 if response.is_redirect:
                     location = response.headers.get("location", "?")

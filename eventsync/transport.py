@@ -43,6 +43,17 @@ def overdue() -> bool:
     return at is not None and time.monotonic() >= at - 0.01
 
 
+def clamped(timeout: httpx.Timeout) -> httpx.Timeout:
+    """`timeout` with its wait for a free pooled connection cut to the time left: that wait is
+    no socket operation, so the backend can't bound it."""
+    at: float | None = getattr(_local, "at", None)
+    if at is None:
+        return timeout
+    left = max(at - time.monotonic(), 0.001)
+    pool = left if timeout.pool is None else min(timeout.pool, left)
+    return httpx.Timeout(connect=timeout.connect, read=timeout.read, write=timeout.write, pool=pool)
+
+
 def _left(timeout: float | None, expired: type[Exception]) -> float | None:
     """`timeout`, shortened to what is left before this thread's deadline."""
     at: float | None = getattr(_local, "at", None)

@@ -273,6 +273,10 @@ def main() -> None:
         results.append(
             ("an endless body, no Content-Length", *measure(server.base_url, ["ft-big"], {}))
         )
+    with RawServer(endless(b"x" * 65536)) as server:
+        jobs = [f"ft-{i}" for i in range(8)]
+        label = "8 jobs at once (the default concurrency), each an endless body"
+        results.append((label, *measure(server.base_url, jobs, {})))
     with RawServer(endless(b"x" * 65536, Content_Length=100 * 1024 * MIB)) as server:
         results.append(("a body declaring 100 GiB", *measure(server.base_url, ["ft-big"], {})))
     with RawServer(bomb(args.bomb_gib * 1024)) as server:

@@ -3,13 +3,16 @@ body after decompression, and the deadline of a request, against real servers on
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
+import threading
 import time
 import traceback
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 
 import httpx
 import pytest
@@ -29,7 +32,14 @@ from eventsync.transport import (
     DeadlineTransport,
     read_body,
 )
-from tests.helpers import API_KEY, FAST_RETRY, event_counts, make_settings, sync_pass
+from tests.helpers import (
+    API_KEY,
+    FAST_RETRY,
+    event_counts,
+    make_settings,
+    sync_pass,
+    wait_until,
+)
 from tests.hostile import (
     MIB,
     Handler,
@@ -310,6 +320,36 @@ def test_a_request_past_its_deadline_fails_its_job_and_the_next_pass_retries(
     server.handler = route({"/fine-tunes ": listing}, reply(events_body("ft-slow", 4)))
     assert raw_pass(server.base_url, engine, ["ft-slow"], request_deadline=1).ok
     assert event_counts(engine) == {"ft-ok": 3, "ft-slow": 4}
+
+
+def test_waiting_for_a_free_connection_ends_at_the_deadline(
+    serve: Callable[[Handler], RawServer],
+) -> None:
+    """With every pooled connection held by a request the server drips to, a new request's
+    wait for one ends at its own deadline, not at the (longer) pool timeout."""
+    server = serve(drip_headers(0.05))
+    settings = raw_settings(server.base_url, concurrency=1, timeout=60, request_deadline=90)
+    pool_size = settings.concurrency + 2
+    with make_http_client(settings) as http:
+        slow = TogetherClient(http, RetryPolicy.from_settings(settings))
+
+        def hold_a_connection() -> None:
+            with contextlib.suppress(TransportError):
+                slow.list_jobs()
+
+        hogs = [threading.Thread(target=hold_a_connection) for _ in range(pool_size)]
+        for hog in hogs:
+            hog.start()
+        wait_until(lambda: len(server.heads) == pool_size, 30)
+        quick = TogetherClient(http, replace(RetryPolicy.from_settings(settings), deadline=1))
+        started = time.monotonic()
+        with pytest.raises(TransportError, match=DEADLINE_ERROR):
+            quick.job_events("ft-1")
+        # A generous ceiling, far from the pool timeout of 60 s.
+        assert time.monotonic() - started < 30
+        server.stop()  # lets the hogs go
+        for hog in hogs:
+            hog.join(timeout=30)
 
 
 def test_retries_stop_at_the_deadline(fake: FakeTogether) -> None:
