@@ -281,7 +281,7 @@ class TogetherClient:
 
     def _fetch(self, path: str, *, what: str) -> bytes:
         """GET the body, decoded, within the size cap (eventsync.transport.read_body). It is
-        streamed and joined here rather than kept on the Response: httpx 0.28 holds every
+        streamed and gathered here rather than kept on the Response: httpx 0.28 holds every
         Response in a reference cycle with its stream (encode/httpx PR 3733), so a body stored
         on it lives until the cyclic collector runs; with 400 jobs that was 36 MB more at peak.
         A body left unread when the block ends closes its connection instead of being drained.
