@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import email.utils
 import logging
+import random
 import threading
 import time
 from collections.abc import Callable
@@ -16,7 +17,7 @@ import httpx
 import stamina
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from eventsync import __version__
+from eventsync import __version__, transport
 from eventsync.config import Settings, validate_job_id
 from eventsync.errors import (
     ApiError,
@@ -25,7 +26,9 @@ from eventsync.errors import (
     EventsyncError,
     NotFoundError,
     PayloadError,
+    RefusedBodyError,
     TransportError,
+    UnreachableError,
 )
 from eventsync.jsonio import decode
 
@@ -56,20 +59,31 @@ class Job:
     model: str | None = None
 
 
+MIB = 1024 * 1024
+# How much of an error body is read: room for the API's JSON message, and no more.
+ERROR_BODY_MAX = 4096
+
+
 def make_http_client(settings: Settings, **kwargs: Any) -> httpx.Client:
-    """One pooled client for the whole run; keep-alive sized to the concurrency."""
+    """One pooled client for the whole run; keep-alive sized to the concurrency, and every
+    socket operation bounded by the deadline TogetherClient sets (eventsync.transport)."""
     key = settings.require_api_key()
+    limits = httpx.Limits(
+        max_connections=settings.concurrency + 2,
+        max_keepalive_connections=settings.concurrency + 2,
+    )
     return httpx.Client(
         base_url=settings.api_root,
         headers={
             "Authorization": f"Bearer {key}",
             "Accept": "application/json",
+            "Accept-Encoding": transport.ACCEPT_ENCODING,
             "User-Agent": f"eventsync/{__version__}",
         },
         timeout=httpx.Timeout(settings.timeout, connect=settings.connect_timeout),
-        limits=httpx.Limits(
-            max_connections=settings.concurrency + 2,
-            max_keepalive_connections=settings.concurrency + 2,
+        # A client given a transport no longer reads the proxy variables: env_proxy does.
+        transport=transport.DeadlineTransport(
+            limits=limits, proxy=transport.env_proxy(settings.api_root)
         ),
         **kwargs,
     )
@@ -77,15 +91,17 @@ def make_http_client(settings: Settings, **kwargs: Any) -> httpx.Client:
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """How failed requests are retried: exponential backoff with jitter, as the official SDK
-    does (about 1 s doubling to 10 s, 5 tries), bounded in total time too."""
+    """How a request is retried and bounded: exponential backoff with jitter, as the official
+    SDK does (about 1 s doubling to 10 s, 5 tries), every try and wait within `deadline`
+    seconds, and a body of at most `max_body` bytes."""
 
     attempts: int = 5
     wait_initial: float = 1.0
     wait_max: float = 10.0
     wait_jitter: float = 1.0
     retry_after_max: float = 60.0
-    timeout: float = 180.0
+    deadline: float = 120.0
+    max_body: int = 64 * MIB
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RetryPolicy:
@@ -94,7 +110,15 @@ class RetryPolicy:
             wait_initial=settings.retry_wait_initial,
             wait_max=settings.retry_wait_max,
             wait_jitter=min(settings.retry_wait_initial, 1.0),
+            deadline=settings.request_deadline,
+            max_body=settings.max_body_mb * MIB,
         )
+
+    def backoff(self, attempt: int) -> float:
+        """The wait after failed try number `attempt`, as stamina computes it. Computed here
+        so that a wait that would outlast the deadline is known before it starts."""
+        jitter = random.uniform(0, self.wait_jitter) if self.wait_jitter else 0.0
+        return min(self.wait_max, self.wait_initial * 2.0 ** (attempt - 1) + jitter)
 
 
 # Worth another try: the server or a proxy may answer differently in a moment.
@@ -113,6 +137,9 @@ class TogetherClient:
         # A 429 pauses every worker, not just the one that got it.
         self._gate = threading.Lock()
         self._paused_until = 0.0
+        # Whether the server has answered anything yet; until it has, a failed connect means a
+        # wrong URL or no network, which no retry fixes.
+        self._answered = False
 
     def list_jobs(self) -> list[Job]:
         try:
@@ -141,35 +168,56 @@ class TogetherClient:
 
     def _get(self, path: str, read: Callable[[bytes], T], *, what: str) -> T:
         """GET and read the body, retrying transient failures (a body that can't be read
-        included); errors come out with the key masked."""
+        included), all within the request deadline; errors come out with the key masked."""
         policy = self.retry
+        at = time.monotonic() + policy.deadline
+        tries = 0
+        out_of_time = False
+
+        def backoff(exc: Exception) -> bool | float:
+            """stamina's hook: no retry, or the wait before the next try."""
+            nonlocal out_of_time
+            decision = self._decide(exc)
+            if decision is False:
+                return False
+            wait = policy.backoff(tries) if decision is True else decision
+            left = at - time.monotonic()
+            if wait >= left:
+                out_of_time = left > 0  # else the error itself says the deadline passed
+                return False
+            log.warning("retrying in %.1fs after: %s", wait, self._described(exc))
+            return wait
+
         try:
-            for attempt in stamina.retry_context(
-                on=self._backoff,
-                attempts=policy.attempts,
-                timeout=policy.timeout,
-                wait_initial=policy.wait_initial,
-                wait_max=policy.wait_max,
-                wait_jitter=policy.wait_jitter,
-            ):
-                with attempt:
-                    self._wait_for_gate()
-                    return read(self._fetch(path, what=what))
+            with transport.deadline(at):
+                for attempt in stamina.retry_context(
+                    on=backoff, attempts=policy.attempts, timeout=None
+                ):
+                    with attempt:
+                        tries = attempt.num
+                        self._wait_for_gate(at)
+                        return read(self._fetch(path, what=what))
         except EventsyncError as error:
-            raise self._masked(error) from None
+            if out_of_time:
+                error.args = (
+                    f"{error} (not retried: the wait would pass the request deadline, "
+                    f"{policy.deadline:g} s, EVENTSYNC_REQUEST_DEADLINE)",
+                )
+            # The error outlives the request (the job's outcome keeps it), and its traceback and
+            # context would keep the frames they passed through, the body among their locals.
+            error.__context__ = None
+            raise self._masked(error).with_traceback(None) from None
         raise AssertionError("unreachable: stamina either returns or raises")
 
-    def _backoff(self, exc: Exception) -> bool | float:
-        """stamina's backoff hook: retry or not, and how long to wait when the server says."""
-        decision = self._decide(exc)
-        if decision is not False:
-            log.warning(
-                "retrying after: %s",
-                self._masked(exc) if isinstance(exc, EventsyncError) else type(exc).__name__,
-            )
-        return decision
+    def _described(self, exc: Exception) -> object:
+        return self._masked(exc) if isinstance(exc, EventsyncError) else type(exc).__name__
 
     def _decide(self, exc: Exception) -> bool | float:
+        """Whether a failure is worth another try, and how long the server asks us to wait."""
+        if isinstance(exc, UnreachableError):
+            return self._answered
+        if isinstance(exc, RefusedBodyError):
+            return False
         if isinstance(exc, TransportError | PayloadError):
             return True
         if isinstance(exc, ApiStatusError) and exc.status_code in RETRY_STATUSES:
@@ -188,9 +236,11 @@ class TogetherClient:
             self._paused_until = max(self._paused_until, time.monotonic() + seconds)
         log.warning("rate limited (HTTP 429): pausing all requests for %.1fs", seconds)
 
-    def _wait_for_gate(self) -> None:
+    def _wait_for_gate(self, at: float) -> None:
+        """Sit out a 429 pause, though not past the request deadline `at`."""
         with self._gate:
-            wait = self._paused_until - time.monotonic()
+            now = time.monotonic()
+            wait = min(self._paused_until, at) - now
         if wait > 0:
             time.sleep(wait)
 
@@ -203,12 +253,16 @@ class TogetherClient:
         return error
 
     def _fetch(self, path: str, *, what: str) -> bytes:
-        """GET the body. It is streamed and joined here rather than kept on the Response:
-        httpx 0.28 holds every Response in a reference cycle with its stream (encode/httpx
-        PR 3733), so a body stored on it lives until the cyclic collector runs; with 400 jobs
-        that was 36 MB more at peak."""
+        """GET the body, decoded, within the size cap (eventsync.transport.read_body). It is
+        streamed and gathered here rather than kept on the Response: httpx 0.28 holds every
+        Response in a reference cycle with its stream (encode/httpx PR 3733), so a body stored
+        on it lives until the cyclic collector runs; with 400 jobs that was 36 MB more at peak.
+        A body left unread when the block ends closes its connection instead of being drained.
+        """
         try:
-            with self.http.stream("GET", path) as response:
+            timeout = transport.clamped(self.http.timeout)
+            with self.http.stream("GET", path, timeout=timeout) as response:
+                self._answered = True
                 if response.is_redirect:
                     location = response.headers.get("location", "?")
                     raise ApiStatusError(
@@ -217,15 +271,38 @@ class TogetherClient:
                         status_code=response.status_code,
                     )
                 if response.status_code >= 400:
-                    response.read()
-                    raise _status_error(response, what)
-                return b"".join(response.iter_bytes())
+                    raise _status_error(response, _error_body(response), what)
+                return transport.read_body(response, self.retry.max_body)
+        except transport.BodyTooLarge:
+            raise RefusedBodyError(
+                f"{what}: bad payload: response body over {self.retry.max_body / MIB:g} MB "
+                "(EVENTSYNC_MAX_BODY_MB)"
+            ) from None
+        except transport.BodyRefused as exc:
+            raise RefusedBodyError(f"{what}: bad payload: {exc}") from None
+        except transport.BodyError as exc:
+            raise PayloadError(f"{what}: bad payload: {exc}") from None
+        except httpx.ConnectError as exc:
+            raise UnreachableError(f"{what}: network error: {type(exc).__name__}: {exc}") from None
         except httpx.TimeoutException as exc:
+            if transport.overdue():
+                raise TransportError(
+                    f"{what}: network error: no complete answer within the request deadline "
+                    f"({self.retry.deadline:g} s, EVENTSYNC_REQUEST_DEADLINE)"
+                ) from None
             raise TransportError(
                 f"{what}: network error: timed out ({type(exc).__name__})"
             ) from None
         except httpx.HTTPError as exc:
             raise TransportError(f"{what}: network error: {type(exc).__name__}: {exc}") from None
+
+
+def _error_body(response: httpx.Response) -> bytes:
+    """The start of an error body, for its message; the rest is never fetched."""
+    try:
+        return transport.read_body(response, ERROR_BODY_MAX, cut=True)
+    except transport.BodyError:
+        return b""  # no message to be had from it; the status says enough
 
 
 def _validated(shape: type[Shape], content: bytes, what: str) -> Shape:
@@ -251,9 +328,9 @@ def _first_problem(exc: ValidationError) -> str:
     return f"{loc}: {err['msg']}"
 
 
-def _api_message(response: httpx.Response) -> str | None:
+def _api_message(content: bytes) -> str | None:
     try:
-        body = response.json()
+        body = decode(content).value
     except ValueError:
         return None
     if isinstance(body, dict):
@@ -265,9 +342,9 @@ def _api_message(response: httpx.Response) -> str | None:
     return None
 
 
-def _status_error(response: httpx.Response, what: str) -> ApiError:
+def _status_error(response: httpx.Response, content: bytes, what: str) -> ApiError:
     status = response.status_code
-    message = _api_message(response)
+    message = _api_message(content)
     detail = f"HTTP {status}" + (f": {message}" if message else "")
     if status in (401, 403):
         return AuthError(

@@ -74,6 +74,13 @@ class Settings(BaseSettings):
     retry_attempts: int = Field(default=5, ge=1, le=20, description="tries per request")
     retry_wait_initial: float = Field(default=1.0, ge=0, description="first backoff, seconds")
     retry_wait_max: float = Field(default=10.0, ge=0, description="longest backoff, seconds")
+    # Bounds on what a broken or hostile server can cost (README: Security and limits).
+    request_deadline: float = Field(
+        default=120.0, gt=0, le=3600, description="seconds per request, tries and waits included"
+    )
+    max_body_mb: int = Field(
+        default=64, ge=1, le=1024, description="largest response body, MiB after decompression"
+    )
     # The daemon (`eventsync run`).
     interval: float = Field(default=60.0, ge=0.1, description="seconds between passes")
     metrics_port: int = Field(default=9464, ge=0, le=65535, description="0 disables")

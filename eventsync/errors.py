@@ -7,7 +7,9 @@
     │   ├── NotFoundError          404: the job does not exist (for this key)
     │   └── ApiStatusError         any other non-2xx status
     ├── TransportError             no usable answer: connect error, timeout, cut-off body
+    │   └── UnreachableError       no connection at all: DNS failure, refused, unreachable
     ├── PayloadError               a 2xx answer whose body is not the JSON shape we expect
+    │   └── RefusedBodyError       a body not read at all: over the size cap, unasked encoding
     ├── StoreError                 the database failed while storing
     └── QueryError                 a query of `eventsync sql` failed (or timed out)
         └── QueryRefused           ... or was refused before it ran: not one read statement
@@ -66,10 +68,19 @@ class TransportError(EventsyncError):
     kind = "network"
 
 
+class UnreachableError(TransportError):
+    """No connection could be made: the host name doesn't resolve, or nothing listens."""
+
+
 class PayloadError(EventsyncError):
     """The answer was not the JSON shape the API documents."""
 
     kind = "payload"
+
+
+class RefusedBodyError(PayloadError):
+    """A body eventsync won't read (too large, or compressed in a way it didn't ask for):
+    the same request would get the same answer."""
 
 
 class StoreError(EventsyncError):

@@ -66,6 +66,10 @@ def test_missing_key_is_a_config_error() -> None:
         ({"database_url": "mysql://x/y"}, "not supported"),
         ({"database_url": "not a url"}, "not a database URL"),
         ({"job_ids": ["ok", "../etc"]}, "invalid job id"),
+        ({"max_body_mb": 0}, "max_body_mb"),
+        ({"max_body_mb": 4096}, "max_body_mb"),
+        ({"request_deadline": 0}, "request_deadline"),
+        ({"request_deadline": 86400}, "request_deadline"),
     ],
 )
 def test_invalid_settings_are_one_clear_error(overrides: dict[str, object], message: str) -> None:

@@ -2,18 +2,31 @@
 
 from __future__ import annotations
 
+import logging
+import sys
+import threading
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
+from pathlib import Path
 
 import httpx
 import pytest
 from sqlalchemy import Engine, select
 
 from eventsync.client import RetryPolicy, TogetherClient, make_http_client, retry_after
-from eventsync.errors import ApiStatusError
+from eventsync.errors import ApiStatusError, UnreachableError
 from eventsync.fakeapi import FAULT_KINDS, FakeTogether, make_event
 from eventsync.models import events_table, state_table
-from tests.helpers import FAST_RETRY, event_counts, fetch_events, make_settings, sync_pass
+from tests.helpers import (
+    API_KEY,
+    FAST_RETRY,
+    event_counts,
+    fetch_events,
+    free_port,
+    make_settings,
+    sync_pass,
+)
 
 # How each fault kind surfaces when it outlasts the retries.
 SURFACES_AS = {
@@ -118,7 +131,7 @@ def test_waits_asked_for_are_capped_at_60s(http_client: httpx.Client) -> None:
     """A server asking for an hour gets 60 s at most."""
     error = ApiStatusError("slow down", status_code=503)
     error.retry_after = 3600
-    assert TogetherClient(http_client, RetryPolicy())._backoff(error) == 60
+    assert TogetherClient(http_client, RetryPolicy())._decide(error) == 60
 
 
 def test_429_pauses_every_worker(fake: FakeTogether, engine: Engine) -> None:
@@ -193,3 +206,99 @@ def test_settings_knobs_reach_the_client(fake: FakeTogether) -> None:
         with pytest.raises(ApiStatusError):
             fetch_events(client, "ft-1")
     assert fetches(fake, "ft-1") == 2
+
+
+# Connection attempts and name lookups, seen through the interpreter's audit events (below
+# httpx and eventsync alike) while a test counts them.
+_SOCKET_CALLS: list[tuple[str, object]] = []
+_COUNTING = threading.Event()
+
+
+def _audit(event: str, args: tuple[object, ...]) -> None:
+    if _COUNTING.is_set() and event in ("socket.connect", "socket.getaddrinfo"):
+        _SOCKET_CALLS.append((event, args[1] if event == "socket.connect" else args[0]))
+
+
+@pytest.fixture(scope="session")
+def _audit_hook() -> None:
+    sys.addaudithook(_audit)  # for the rest of the process: audit hooks can't be removed
+
+
+@pytest.fixture
+def socket_calls(_audit_hook: None) -> Iterator[list[tuple[str, object]]]:
+    """("socket.connect", address) and ("socket.getaddrinfo", host) made during the test."""
+    _SOCKET_CALLS.clear()
+    _COUNTING.set()
+    yield _SOCKET_CALLS
+    _COUNTING.clear()
+
+
+def test_a_refused_connection_is_not_retried_before_any_answer(
+    fake: FakeTogether, socket_calls: list[tuple[str, object]]
+) -> None:
+    """Nothing listens at the base URL and the server never answered: one connection
+    attempt, then a network error; retrying a wrong URL only delays the error."""
+    port = free_port()
+    settings = make_settings(fake, "sqlite:///x.db", base_url=f"http://127.0.0.1:{port}")
+    with make_http_client(settings) as http, pytest.raises(UnreachableError, match="refused"):
+        fetch_events(TogetherClient(http, RetryPolicy.from_settings(settings)), "ft-1")
+    assert socket_calls.count(("socket.connect", ("127.0.0.1", port))) == 1
+
+
+def test_a_name_that_does_not_resolve_is_not_retried(
+    fake: FakeTogether, socket_calls: list[tuple[str, object]]
+) -> None:
+    """A base URL whose host has no address: one lookup, then a network error."""
+    settings = make_settings(fake, "sqlite:///x.db", base_url="http://nonexistent.invalid")
+    with make_http_client(settings) as http, pytest.raises(UnreachableError, match="network"):
+        fetch_events(TogetherClient(http, RetryPolicy.from_settings(settings)), "ft-1")
+    assert socket_calls.count(("socket.getaddrinfo", "nonexistent.invalid")) == 1
+
+
+def test_sync_with_nothing_at_the_base_url_fails_at_once(tmp_path: Path) -> None:
+    """`eventsync sync --base-url` pointing at a closed port: one error line for the job, no
+    retry loop (it took five tries and 18 s per request)."""
+    from tests.test_cli import run
+
+    url = f"http://127.0.0.1:{free_port()}"
+    env = {"TOGETHER_API_KEY": API_KEY}
+    done = run("sync", "--job-id", "ft-a", "--base-url", url, cwd=tmp_path, env=env)
+    assert done.returncode == 1
+    assert "retrying" not in done.stderr
+    assert [line for line in done.stderr.splitlines() if line.startswith("error:")] == [
+        "error: job ft-a: network error: ConnectError: [Errno 111] Connection refused [network]"
+    ]
+
+
+def test_a_refused_connection_after_an_answer_is_retried() -> None:
+    """Once the server has answered, a refused connection (a server restarting under the
+    daemon) is retried like any transport error, and goes through once it is back."""
+    server = FakeTogether(api_key=API_KEY)
+    server.add_job("ft-1", events=2)
+    server.start()
+    port = int(server.base_url.rsplit(":", 1)[1])
+
+    class RestartOnRetry(logging.Handler):
+        """Brings the server back when the client says it will retry a failed connect."""
+
+        def emit(self, record: logging.LogRecord) -> None:
+            if "ConnectError" in record.getMessage() and server._server is None:
+                server.start(port=port)
+
+    restart = RestartOnRetry()
+    logger = logging.getLogger("eventsync.client")
+    settings = make_settings(server, "sqlite:///x.db")
+    try:
+        with make_http_client(settings) as http:
+            client = TogetherClient(http, RetryPolicy.from_settings(settings))
+            # The answer closes its connection, so the next request must connect anew.
+            server.override = lambda path: (200, b'{"data": []}', {"Connection": "close"})
+            assert client.list_jobs() == []
+            server.override = None
+            server.stop()
+            logger.addHandler(restart)
+            assert len(fetch_events(client, "ft-1")) == 2
+    finally:
+        logger.removeHandler(restart)
+        server.stop()
+    assert server.requests == ["/v1/fine-tunes", "/v1/fine-tunes/ft-1/events"]
