@@ -238,37 +238,3 @@ def test_postgres_backends_terminated_mid_pass(
         if thread.is_alive():
             thread.join()
         engine.dispose()
-
-
-def test_sigterm_while_waiting_to_migrate_exits_at_once(
-    fake: FakeTogether, pg_db_url: str, tmp_path: Path
-) -> None:
-    """A daemon queued behind another's migration lock says so, and a SIGTERM ends it (0)."""
-    holder = create_engine(pg_db_url)
-    with holder.connect() as conn:
-        conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": db.MIGRATION_LOCK_KEY})
-        log = tmp_path / "daemon.log"
-        with log.open("w") as stderr:
-            proc = subprocess.Popen(
-                [
-                    EVENTSYNC,
-                    "run",
-                    "--job-id",
-                    "ft-1",
-                    "--metrics-port",
-                    "0",
-                    "--database-url",
-                    pg_db_url,
-                ],
-                cwd=tmp_path,
-                env=_api_env(fake),
-                stdout=subprocess.DEVNULL,
-                stderr=stderr,
-            )
-        wait_until(lambda: "waiting for another eventsync" in log.read_text(), timeout=15)
-        started = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=10) == 0
-        assert time.monotonic() - started < 3
-        conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": db.MIGRATION_LOCK_KEY})
-    holder.dispose()

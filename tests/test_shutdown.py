@@ -6,23 +6,32 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import sqlite3
+import subprocess
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine
+from sqlalchemy import Engine, create_engine, text
+from sqlalchemy.engine import make_url
 
+from eventsync import db
 from eventsync.client import make_http_client
 from eventsync.daemon import Daemon, Metrics
 from eventsync.fakeapi import FakeTogether
 from tests.helpers import (
+    API_KEY,
     SHUTDOWN_CEILING,
     event_counts,
     make_settings,
     wait_until,
 )
+from tests.test_cli import EVENTSYNC
 from tests.test_daemon import start_daemon  # noqa: F401  (fixture)
 
 
@@ -125,3 +134,53 @@ def test_a_pass_that_outlasts_the_grace_is_cut_off(
     finally:
         answer.set()
         wait_until(lambda: fake.in_flight == 0)
+
+
+@contextmanager
+def _migration_lock_held(db_url: str) -> Iterator[None]:
+    """Another process holding what a migrating eventsync must wait for: the advisory lock on
+    Postgres, the write lock on SQLite."""
+    if make_url(db_url).get_backend_name() == "sqlite":
+        holder = sqlite3.connect(make_url(db_url).database or "", isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        finally:
+            holder.close()
+        return
+    engine = create_engine(db_url)
+    with engine.connect() as conn:
+        conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": db.MIGRATION_LOCK_KEY})
+        try:
+            yield
+        finally:
+            conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": db.MIGRATION_LOCK_KEY})
+    engine.dispose()
+
+
+def test_sigterm_while_waiting_to_migrate_exits_at_once(
+    fake: FakeTogether, engine: Engine, db_url: str, tmp_path: Path
+) -> None:
+    """A daemon queued behind another process's lock before it migrates says so, and a
+    SIGTERM ends it (0) there and then, not once the lock is free or its wait runs out."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("EVENTSYNC_", "TOGETHER_"))}
+    env = {**base, "TOGETHER_API_KEY": API_KEY, "TOGETHER_BASE_URL": fake.base_url}
+    log = tmp_path / "daemon.log"
+    command = [EVENTSYNC, "run", "--job-id", "ft-1", "--metrics-port", "0"]
+    with _migration_lock_held(db_url), log.open("w") as stderr:
+        proc = subprocess.Popen(
+            [*command, "--database-url", db_url],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
+        try:
+            wait_until(lambda: "waiting for another" in log.read_text())
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=SHUTDOWN_CEILING) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert "SIGTERM before the first pass: exiting" in log.read_text()
