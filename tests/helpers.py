@@ -49,13 +49,14 @@ def sync_pass(
     *,
     all_jobs: bool = False,
     concurrency: int = 4,
+    event_hooks: dict[str, list[Callable[..., object]]] | None = None,
     **extra: object,
 ) -> PassResult:
-    """One pass through the same pieces the CLI composes."""
+    """One pass through the same pieces the CLI composes (httpx event hooks to watch it)."""
     settings = make_settings(
         fake, engine.url.render_as_string(hide_password=False), concurrency=concurrency, **extra
     )
-    with make_http_client(settings) as http:
+    with make_http_client(settings, event_hooks=event_hooks) as http:
         client = TogetherClient(http, RetryPolicy.from_settings(settings))
         jobs = plan_jobs(client, engine, job_ids or [], all_jobs=all_jobs)
         return run_pass(client, engine, jobs, concurrency=concurrency)
