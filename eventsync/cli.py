@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -23,7 +22,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from eventsync import __version__, db, output, reads, state
 from eventsync.client import RetryPolicy, TogetherClient, make_http_client
 from eventsync.config import Settings, load_settings, mask_url
-from eventsync.daemon import Daemon, Metrics, exit_now, serve_status
+from eventsync.daemon import Daemon, Metrics, Signals, serve_status
 from eventsync.errors import ConfigError, EventsyncError, QueryError, QueryRefused, first_line
 from eventsync.sync import JobOutcome, plan_jobs, run_pass, tune_gc
 
@@ -410,7 +409,7 @@ def run(
         log_format=log_format,
     )
     setup_logging(settings, verbose=verbose)
-    _stop_at_once_until_serving()
+    signals = Signals()  # a signal exits at once until the daemon serves, then stops it
     metrics = Metrics()
     http = _http_client(settings, event_hooks={"response": [metrics.on_response]})
     with http, open_engine(settings) as engine:
@@ -434,25 +433,11 @@ def run(
                 settings.metrics_port,
             )
         try:
-            code = daemon.serve()
+            code = daemon.serve(signals)  # returns once no pass is under way, or exits
         finally:
             if server is not None:
                 server.close()
-    if not daemon.idle.is_set():
-        exit_now(code)  # a pass is still stuck in I/O: don't wait for its threads
     raise typer.Exit(code)
-
-
-def _stop_at_once_until_serving() -> None:
-    """Before the daemon serves there is nothing to finish: a signal ends it at once (a
-    migration under way rolls back). Daemon.serve installs the graceful handlers."""
-
-    def stop(signum: int, _frame: object) -> None:
-        log.info("%s before the first pass: exiting", signal.Signals(signum).name)
-        exit_now(0)
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
 
 
 @jobs_app.command("add")

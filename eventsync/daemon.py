@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 import logging
 import os
+import select
 import signal
+import socket
 import threading
 import time
 from collections import Counter as Tally
 from collections.abc import Iterable
 from datetime import UTC, datetime
-from types import FrameType
+from types import FrameType, TracebackType
 from typing import Any
 from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
@@ -224,6 +226,79 @@ def serve_status(host: str, port: int, health: Health, metrics: Metrics) -> Stat
     return StatusServer(host, port, health, metrics)
 
 
+STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
+
+
+class Signals:
+    """SIGTERM and SIGINT for the main thread, whichever thread the kernel gives them to.
+
+    The kernel hands a signal sent to the process to any of its threads that doesn't block
+    it. Python runs its handler only in the main thread, at its next bytecode, and a main
+    thread asleep in an untimed Event.wait never gets there: a daemon given SIGTERM went on
+    polling. Python's C-level handler, in whichever thread caught the signal, also writes the
+    signal's number to the wakeup fd, so a select() on it always wakes.
+
+    Until `serving` is set there is nothing to finish, and a signal exits at once (0): a
+    migration under way rolls back. From then on, `wait` and `poll` return the signals. Both
+    are in place from the start, so a signal caught during the change is not lost. Create it
+    in the main thread, before any other thread starts.
+    """
+
+    def __init__(self) -> None:
+        self.serving = False
+        self._inbox, self._wakeup = socket.socketpair()  # a socket, so Windows works too
+        self._inbox.setblocking(False)
+        self._wakeup.setblocking(False)
+        self._previous_fd = signal.set_wakeup_fd(self._wakeup.fileno(), warn_on_full_buffer=False)
+        self._previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
+
+    def _handle(self, signum: int, _frame: FrameType | None) -> None:
+        if not self.serving:
+            log.info("%s before the first pass: exiting", signal.Signals(signum).name)
+            exit_now(0)
+        # Serving: the signal is read from the wakeup fd (this only keeps the default action,
+        # exit or KeyboardInterrupt, from running).
+
+    def wait(self) -> signal.Signals:
+        """The next SIGTERM or SIGINT."""
+        received = self.poll(timeout=None)
+        assert received is not None, "an untimed select only returns with a signal"
+        return received
+
+    def poll(self, timeout: float | None) -> signal.Signals | None:
+        """The next SIGTERM or SIGINT, or None once `timeout` seconds have passed."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not select.select([self._inbox], [], [], left)[0]:
+                return None
+            try:
+                byte = self._inbox.recv(1)
+            except BlockingIOError:
+                continue
+            if byte and byte[0] in STOP_SIGNALS:
+                return signal.Signals(byte[0])
+
+    def close(self) -> None:
+        signal.set_wakeup_fd(self._previous_fd)
+        for signum, handler in self._previous.items():
+            if handler is not None:
+                signal.signal(signum, handler)
+        self._inbox.close()
+        self._wakeup.close()
+
+    def __enter__(self) -> Signals:
+        return self
+
+    def __exit__(
+        self,
+        _type: type[BaseException] | None,
+        _value: BaseException | None,
+        _traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
 class Daemon:
     """Runs a pass now and then every interval, until asked to stop."""
 
@@ -236,8 +311,11 @@ class Daemon:
         self.metrics = metrics
         self.health = Health(settings.interval)
         self.stop = threading.Event()
-        self.idle = threading.Event()
-        self.idle.set()
+        # Held by a pass from before it looks at `stop` until it ends, so a stop either finds
+        # the pass holding it (and waits for it) or keeps it from starting. Checking `stop`
+        # first and marking the pass under way after left a gap in which a stop saw no pass
+        # and the process exited while one started.
+        self._passing = threading.Lock()
 
     def run_scheduled(self) -> None:
         """What the scheduler runs. A pass that outlasts the interval makes the scheduler skip
@@ -250,29 +328,37 @@ class Daemon:
             log.debug("the pass outlasted the interval; catching up at once")
 
     def run_pass(self) -> PassResult | None:
-        """One pass. Never raises: a failed pass is logged and retried next time."""
-        if self.stop.is_set():
-            return None
-        self.idle.clear()
-        started = time.monotonic()
-        try:
-            return self._pass()
-        except (EventsyncError, SQLAlchemyError) as exc:
-            kind = exc.kind if isinstance(exc, EventsyncError) else "database"
-            message = str(exc) if isinstance(exc, EventsyncError) else first_line(exc)
-            log.warning("pass failed: %s", message, extra={"kind": kind})
-            self.metrics.errors.labels(kind).inc()
-            self.metrics.passes.labels("failed").inc()
-            self.health.record(False, f"last pass failed: {message}")
-            return None
-        except Exception:
-            log.exception("pass failed with an unexpected error")
-            self.metrics.passes.labels("failed").inc()
-            self.health.record(False, "last pass failed with an unexpected error")
-            return None
-        finally:
-            self.metrics.pass_duration.observe(time.monotonic() - started)
-            self.idle.set()
+        """One pass, or None once stopped. Never raises: a failed pass is logged and retried
+        next time."""
+        with self._passing:
+            if self.stop.is_set():
+                return None
+            started = time.monotonic()
+            try:
+                return self._pass()
+            except (EventsyncError, SQLAlchemyError) as exc:
+                kind = exc.kind if isinstance(exc, EventsyncError) else "database"
+                message = str(exc) if isinstance(exc, EventsyncError) else first_line(exc)
+                log.warning("pass failed: %s", message, extra={"kind": kind})
+                self.metrics.errors.labels(kind).inc()
+                self.metrics.passes.labels("failed").inc()
+                self.health.record(False, f"last pass failed: {message}")
+                return None
+            except Exception:
+                log.exception("pass failed with an unexpected error")
+                self.metrics.passes.labels("failed").inc()
+                self.health.record(False, "last pass failed with an unexpected error")
+                return None
+            finally:
+                self.metrics.pass_duration.observe(time.monotonic() - started)
+
+    def wait_for_pass(self, timeout: float) -> bool:
+        """True once no pass is under way (after a stop, none will start), False if one still
+        is after `timeout` seconds."""
+        if not self._passing.acquire(timeout=timeout):
+            return False
+        self._passing.release()  # a scheduled run waiting for it then sees `stop` and returns
+        return True
 
     def _pass(self) -> PassResult:
         s = self.settings
@@ -330,8 +416,13 @@ class Daemon:
         )
         return result
 
-    def serve(self) -> int:
-        """Schedule passes until SIGTERM/SIGINT; finish the pass under way; return 0."""
+    def serve(self, signals: Signals) -> int:
+        """Schedule passes until SIGTERM/SIGINT; finish the pass under way; return 0.
+
+        Runs in the main thread. Returns only once no pass is under way and none can start, so
+        the interpreter has no pass thread to wait for at exit; a pass that outlasts the grace,
+        or a second signal, ends the process at once instead.
+        """
         s = self.settings
         scheduler = BackgroundScheduler(timezone=UTC)
         scheduler.add_job(
@@ -343,38 +434,44 @@ class Daemon:
             max_instances=1,  # never two passes at once
             misfire_grace_time=None,  # a late pass still runs (the default 1 s drops it)
         )
-        self._install_signal_handlers()
+        signals.serving = True
         scheduler.start()
         log.info(
             "eventsync running: a pass every %ss",
             f"{s.interval:g}",
             extra={"interval": s.interval},
         )
-        self.stop.wait()
+        received = signals.wait()
+        self.stop.set()
+        log.info(
+            "%s received: stopping after the jobs under way (send again to exit at once)",
+            received.name,
+        )
+        # Out of the job store first: the scheduler thread, woken by the shutdown, would
+        # otherwise still submit a run that fell due to the closed executor, and log an error.
+        scheduler.remove_all_jobs()
         scheduler.shutdown(wait=False)
-        if not self.idle.wait(timeout=s.shutdown_grace):
+        if not self._finish_pass(signals):
             log.warning(
                 "the pass under way did not finish within %ss; exiting anyway "
                 "(its unfinished jobs roll back and are retried on the next start)",
                 f"{s.shutdown_grace:g}",
             )
-            return 0
+            exit_now(0)
         log.info("stopped")
         return 0
 
-    def _install_signal_handlers(self) -> None:
-        def handle(signum: int, _frame: FrameType | None) -> None:
-            if self.stop.is_set():
-                log.warning("second %s: exiting at once", signal.Signals(signum).name)
+    def _finish_pass(self, signals: Signals) -> bool:
+        """Wait up to the grace for the pass under way; a second signal exits at once."""
+        deadline = time.monotonic() + self.settings.shutdown_grace
+        while not self.wait_for_pass(timeout=min(0.05, max(0.0, deadline - time.monotonic()))):
+            again = signals.poll(timeout=0)
+            if again is not None:
+                log.warning("second %s: exiting at once", again.name)
                 exit_now(130)
-            self.stop.set()  # before logging: a second signal may land inside log.info
-            log.info(
-                "%s received: stopping after the jobs under way (send again to exit at once)",
-                signal.Signals(signum).name,
-            )
-
-        signal.signal(signal.SIGTERM, handle)
-        signal.signal(signal.SIGINT, handle)
+            if time.monotonic() >= deadline:
+                return False
+        return True
 
 
 def exit_now(code: int) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -19,7 +20,7 @@ from alembic.script import ScriptDirectory
 from alembic.util import CommandError as AlembicError
 from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.pool import NullPool
 
 from eventsync.errors import ConfigError, first_line
@@ -31,6 +32,8 @@ log = logging.getLogger(__name__)
 MIGRATION_LOCK_KEY = 0x6576_656E_7473  # "events"
 # How long a SQLite connection waits for another process's write lock.
 _SQLITE_BUSY_SECONDS = 30
+# One try for the migration lock; between tries the process can act on a signal.
+_SQLITE_LOCK_TRY_MS = 100
 
 
 def make_engine(url: str, *, pool_size: int = 8) -> Engine:
@@ -249,9 +252,9 @@ def _migration_lock(connection: Connection) -> Iterator[None]:
             connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": MIGRATION_LOCK_KEY})
             connection.commit()
     else:
-        # An exclusive transaction around the whole migration: a second process waits on the
-        # busy timeout, then finds the schema at head and does nothing.
-        connection.exec_driver_sql("BEGIN EXCLUSIVE")
+        # An exclusive transaction around the whole migration: a second process waits for it,
+        # then finds the schema at head and does nothing.
+        _begin_exclusive(connection)
         try:
             yield
         except BaseException:
@@ -271,6 +274,30 @@ def _wait_for_advisory_lock(connection: Connection) -> None:
             waited = True
         connection.rollback()
         time.sleep(0.25)
+
+
+def _begin_exclusive(connection: Connection) -> None:
+    """BEGIN EXCLUSIVE, retried from Python while another process writes, for up to the busy
+    timeout. SQLite's busy handler sleeps inside C, where no signal handler runs: a SIGTERM
+    to a process queued there took effect only when the 30 s timeout ran out."""
+    connection.exec_driver_sql(f"PRAGMA busy_timeout = {_SQLITE_LOCK_TRY_MS}")
+    deadline = time.monotonic() + _SQLITE_BUSY_SECONDS
+    waited = False
+    try:
+        while True:
+            try:
+                connection.exec_driver_sql("BEGIN EXCLUSIVE")
+                return
+            except OperationalError as exc:
+                busy = getattr(exc.orig, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_BUSY
+                if not busy or time.monotonic() >= deadline:
+                    raise
+            connection.rollback()
+            if not waited:
+                log.info("waiting for another process's write to the database, to migrate it")
+                waited = True
+    finally:
+        connection.exec_driver_sql(f"PRAGMA busy_timeout = {_SQLITE_BUSY_SECONDS * 1000}")
 
 
 def upgrade(engine: Engine) -> tuple[str | None, str | None]:

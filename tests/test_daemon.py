@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +17,14 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import Engine
 
 from eventsync.fakeapi import FakeTogether
-from tests.helpers import API_KEY, FAST_RETRY_ENV, event_counts, free_port, wait_until
+from tests.helpers import (
+    API_KEY,
+    FAST_RETRY_ENV,
+    SHUTDOWN_CEILING,
+    event_counts,
+    free_port,
+    wait_until,
+)
 from tests.test_cli import EVENTSYNC
 
 INTERVAL = 1.0
@@ -34,10 +42,12 @@ class Daemon:
     def stderr(self) -> str:
         return self.log.read_text()
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> tuple[int, float]:
+    def stop(self, sig: int = signal.SIGTERM) -> tuple[int, float]:
+        """Send the signal; the exit code, and the seconds it took (to report, not to judge:
+        the only limit is the README's promise, with room to spare)."""
         started = time.monotonic()
         self.proc.send_signal(sig)
-        code = self.proc.wait(timeout=timeout)
+        code = self.proc.wait(timeout=SHUTDOWN_CEILING)
         return code, time.monotonic() - started
 
 
@@ -78,7 +88,7 @@ def start_daemon(fake: FakeTogether, engine: Engine, tmp_path: Path) -> Iterator
             )
         procs.append(proc)
         daemon = Daemon(proc, port, log)
-        wait_until(lambda: _serving(daemon), timeout=15)
+        wait_until(lambda: _serving(daemon))
         return daemon
 
     yield start
@@ -109,41 +119,45 @@ def metrics(daemon: Daemon) -> dict[str, float]:
     return samples
 
 
-def test_new_events_land_within_one_interval(
-    fake: FakeTogether, engine: Engine, start_daemon
-) -> None:
-    """The first pass runs at once; events added later land within about one interval."""
+def test_new_events_land_at_the_next_pass(fake: FakeTogether, engine: Engine, start_daemon) -> None:
+    """The first pass runs at once; events added later are stored by the next pass (or the one
+    after, if a pass was already under way as they came)."""
     fake.add_job("ft-a", events=20)
     fake.add_job("ft-b", events=5, generation="2026-08")
     daemon = start_daemon("--job-id", "ft-a", "--job-id", "ft-b")
-    wait_until(lambda: event_counts(engine) == {"ft-a": 20, "ft-b": 5}, timeout=10)
+    wait_until(lambda: event_counts(engine) == {"ft-a": 20, "ft-b": 5})
+    passes_before = daemon.stderr().count("pass: ")
     fake.add_events("ft-b", 3)
-    took = wait_until(lambda: event_counts(engine).get("ft-b") == 8, timeout=INTERVAL * 3)
-    assert took < INTERVAL * 1.1 + 1.0  # one interval plus its jitter, plus the pass itself
+    wait_until(lambda: event_counts(engine).get("ft-b") == 8)
     code, _ = daemon.stop()
     assert code == 0
+    lines = daemon.stderr().splitlines()
+    landed = next(i for i, line in enumerate(lines) if "job ft-b: 3 new" in line)
+    passes_until_then = sum("pass: " in line for line in lines[:landed])
+    assert passes_until_then <= passes_before + 1
 
 
 def test_health_and_metrics(fake: FakeTogether, engine: Engine, start_daemon) -> None:
     """/healthz is 200 after a good pass and 503 once the key is rejected; /metrics parses."""
     fake.add_job("ft-a", events=12)
     fake.add_job("ft-done", events=4, status="completed")
+    started_at = time.time()
     daemon = start_daemon("--all-jobs")
-    wait_until(lambda: daemon.get("/healthz").status_code == 200, timeout=10)
+    wait_until(lambda: daemon.get("/healthz").status_code == 200)
     assert daemon.get("/healthz").json()["status"] == "ok"
-    wait_until(lambda: metrics(daemon).get("eventsync_events_inserted_total") == 16, timeout=10)
+    wait_until(lambda: metrics(daemon).get("eventsync_events_inserted_total") == 16)
     sample = metrics(daemon)
     assert sample["eventsync_pass_duration_seconds_count"] >= 1
     assert sample["eventsync_http_responses_total{status_class=2xx}"] >= 3
     assert sample["eventsync_jobs{state=finished}"] == 1
     assert sample["eventsync_jobs{state=active}"] == 1
-    assert sample["eventsync_last_success_timestamp_seconds"] > time.time() - 30
+    assert started_at <= sample["eventsync_last_success_timestamp_seconds"] <= time.time()
     assert all(
         name.startswith("eventsync_") or name.startswith(("python_", "process_")) for name in sample
     )
 
     fake.api_key = "rotated-key"  # the daemon's key is now rejected
-    wait_until(lambda: daemon.get("/healthz").status_code == 503, timeout=INTERVAL * 4)
+    wait_until(lambda: daemon.get("/healthz").status_code == 503)
     body = daemon.get("/healthz").json()
     assert body["status"] == "unhealthy"
     assert "API key is missing or was rejected" in body["reason"]
@@ -157,7 +171,7 @@ def test_quiet_passes_log_one_line(fake: FakeTogether, engine: Engine, start_dae
     """A job logs when it gains events; a pass with nothing new logs just its summary."""
     fake.add_job("ft-a", events=3)
     daemon = start_daemon("--job-id", "ft-a")
-    wait_until(lambda: daemon.stderr().count("pass: ") >= 3, timeout=10)
+    wait_until(lambda: daemon.stderr().count("pass: ") >= 3)
     daemon.stop()
     lines = daemon.stderr().splitlines()
     first_pass = next(i for i, line in enumerate(lines) if "pass: " in line)
@@ -176,34 +190,46 @@ def test_quiet_passes_log_one_line(fake: FakeTogether, engine: Engine, start_dae
 def test_sigterm_during_a_pass_leaves_no_half_written_job(
     fake: FakeTogether, engine: Engine, start_daemon
 ) -> None:
-    """SIGTERM mid-pass: exit 0 within 10 s; every job is either complete or untouched."""
+    """SIGTERM mid-pass: the jobs under way finish, the daemon exits 0, and every job is
+    either complete or untouched."""
     sizes = {f"ft-{i}": 300 + i for i in range(8)}
     for job, size in sizes.items():
         fake.add_job(job, events=size)
     fake.latency = 0.4
     daemon = start_daemon("--all-jobs", "--concurrency", "2")
-    wait_until(lambda: len(event_counts(engine)) >= 1, timeout=10)
-    code, took = daemon.stop()
+    wait_until(lambda: len(event_counts(engine)) >= 1)
+    code, _ = daemon.stop()
     assert code == 0, daemon.stderr()
-    assert took < 10
     counts = event_counts(engine)
     assert counts, "at least one job was stored before the signal"
     assert all(counts[job] == sizes[job] for job in counts)
     assert len(counts) < len(sizes), "the signal should have landed mid-pass"
-    assert "stopped" in daemon.stderr()
+    assert "stopped" in daemon.stderr()  # the jobs under way finished: not cut off by the grace
 
 
 def test_a_second_signal_exits_at_once(fake: FakeTogether, engine: Engine, start_daemon) -> None:
-    """With a pass stuck on a slow API, a second SIGTERM ends the process immediately."""
+    """With a pass stuck on an API that never answers, and a grace of ten minutes, a second
+    SIGTERM ends the process (130) without waiting for either."""
     fake.add_job("ft-slow", events=5)
-    daemon = start_daemon("--job-id", "ft-slow")
-    fake.latency = 20
-    wait_until(lambda: fake.in_flight >= 1, timeout=10)
-    daemon.proc.send_signal(signal.SIGTERM)
-    time.sleep(0.2)
-    code, took = daemon.stop()
-    assert code == 130
-    assert took < 3
+    daemon = start_daemon("--job-id", "ft-slow", env={"EVENTSYNC_SHUTDOWN_GRACE": "600"})
+    stuck, answer = threading.Event(), threading.Event()
+
+    def never_answer(path: str) -> None:
+        if path.endswith("/events"):
+            stuck.set()
+            answer.wait()  # then served as usual, once the test is over
+
+    fake.override = never_answer
+    try:
+        wait_until(stuck.is_set)
+        daemon.proc.send_signal(signal.SIGTERM)
+        wait_until(lambda: "SIGTERM received: stopping" in daemon.stderr())
+        code, _ = daemon.stop()
+        assert code == 130
+        assert "second SIGTERM: exiting at once" in daemon.stderr()
+    finally:
+        answer.set()
+        wait_until(lambda: fake.in_flight == 0)  # before the fake is reset for the next test
 
 
 def test_jobs_added_while_running_are_picked_up(
@@ -212,7 +238,7 @@ def test_jobs_added_while_running_are_picked_up(
     """`eventsync jobs add` on the same database reaches a running daemon at its next pass."""
     fake.add_job("ft-later", events=6)
     daemon = start_daemon()
-    wait_until(lambda: "pass: 0 jobs" in daemon.stderr(), timeout=10)
+    wait_until(lambda: "pass: 0 jobs" in daemon.stderr())
     url = engine.url.render_as_string(hide_password=False)
     added = subprocess.run(
         [EVENTSYNC, "jobs", "add", "ft-later", "--database-url", url],
@@ -223,7 +249,7 @@ def test_jobs_added_while_running_are_picked_up(
     )
     assert added.returncode == 0, added.stderr
     assert added.stdout.strip() == "ft-later: added"
-    wait_until(lambda: event_counts(engine).get("ft-later") == 6, timeout=INTERVAL * 4)
+    wait_until(lambda: event_counts(engine).get("ft-later") == 6)
     listed = subprocess.run(
         [EVENTSYNC, "jobs", "list", "--format", "json", "--database-url", url],
         capture_output=True,
@@ -241,7 +267,7 @@ def test_json_logs(fake: FakeTogether, engine: Engine, start_daemon) -> None:
     """--log-format json writes one JSON object per line, with structured fields."""
     fake.add_job("ft-a", events=2)
     daemon = start_daemon("--job-id", "ft-a", "--log-format", "json")
-    wait_until(lambda: "pass: " in daemon.stderr(), timeout=10)
+    wait_until(lambda: "pass: " in daemon.stderr())
     daemon.stop()
     records = [json.loads(line) for line in daemon.stderr().splitlines() if line.strip()]
     passes = [r for r in records if r["message"].startswith("pass: ")]

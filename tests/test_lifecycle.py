@@ -147,13 +147,15 @@ def test_a_pass_longer_than_the_interval_is_followed_at_once(
 ) -> None:
     """The run skipped while a slow pass ran happens right after it, not an interval later."""
     fake.add_job("ft-1", events=2)
-    settings = make_settings(fake, str(engine.url), all_jobs=True, interval=0.2)
-    fake.latency = 0.15  # listing + events: a pass of ~0.3 s, longer than the interval
+    # The first pass outlasts the interval by its listing alone; the second, with no delay,
+    # is a tenth of the interval's length even on a busy machine, and ends the catching up.
+    settings = make_settings(fake, str(engine.url), all_jobs=True, interval=2.0)
+    fake.latency = 2.2
     with make_http_client(settings) as http:
         daemon = Daemon(settings, engine=engine, http=http, metrics=Metrics())
 
         def slow_then_fast() -> None:
-            wait_until(lambda: len(fake.arrivals) >= 2, timeout=5)
+            wait_until(lambda: len(fake.arrivals) >= 2)  # the first pass's listing answered
             fake.latency = 0
 
         helper = threading.Thread(target=slow_then_fast)

@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,7 @@ from sqlalchemy.engine import make_url
 
 from eventsync import db
 from eventsync.fakeapi import FakeTogether, make_event
-from tests.helpers import sync_pass, wait_until
+from tests.helpers import EVENTUALLY, sync_pass
 from tests.history import load
 from tests.test_cli import EVENTSYNC, run
 
@@ -133,7 +132,7 @@ def test_events_follow(fake: FakeTogether, engine: Engine, url: str, tmp_path: P
     line = proc.stdout.readline()
     assert json.loads(line)["message"] == "Saved step 50"
     proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=10) == 0
+    assert proc.wait(timeout=EVENTUALLY) == 0
     proc.stdout.close()
     assert proc.stderr is not None
     assert "Traceback" not in proc.stderr.read()
@@ -194,9 +193,8 @@ def test_read_commands_never_call_the_api(url: str, fake: FakeTogether, tmp_path
     before = len(fake.arrivals)
     for args in (["status"], ["events", "ft-done"], ["sql", "SELECT 1"]):
         assert run(*args, "--database-url", url, cwd=tmp_path).returncode == 0
-    time.sleep(0.1)
+    # Each has exited, and a request it had made would have reached the fake before that.
     assert len(fake.arrivals) == before
-    wait_until(lambda: True, timeout=1)
 
 
 # -- the read commands open the database read-only, and never create or migrate it ----------

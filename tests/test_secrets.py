@@ -12,7 +12,7 @@ import httpx
 from sqlalchemy import Engine, inspect, text
 
 from eventsync.fakeapi import FakeTogether
-from tests.helpers import FAST_RETRY_ENV, free_port, wait_until
+from tests.helpers import FAST_RETRY_ENV, SHUTDOWN_CEILING, free_port, wait_until
 from tests.test_cli import EVENTSYNC
 
 LEAK = "sk-LEAKCHECK-3b9f1e27c4d0a8e6"
@@ -93,12 +93,12 @@ def test_the_key_never_leaks(fake: FakeTogether, engine: Engine, tmp_path: Path)
             text=True,
         )
     try:
-        wait_until(lambda: log.read_text().count("pass: ") >= 2, timeout=15)
+        wait_until(lambda: log.read_text().count("pass: ") >= 2)
         seen.append(httpx.get(f"http://127.0.0.1:{port}/metrics").text)
         seen.append(httpx.get(f"http://127.0.0.1:{port}/healthz").text)
     finally:
         daemon.send_signal(signal.SIGTERM)
-        assert daemon.wait(timeout=15) == 0
+        assert daemon.wait(timeout=SHUTDOWN_CEILING) == 0
     seen.append(log.read_text())
 
     with engine.connect() as conn:

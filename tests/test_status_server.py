@@ -8,6 +8,7 @@ import contextlib
 import json
 import socket
 import struct
+import threading
 import time
 from pathlib import Path
 
@@ -124,13 +125,26 @@ def test_client_resets_leave_no_traceback(daemon: test_daemon.Daemon) -> None:
 
 
 def test_sigterm_with_connections_open_exits_cleanly(daemon: test_daemon.Daemon) -> None:
-    """Idle clients don't keep a stopping daemon alive: SIGTERM still exits 0 at once."""
-    idle = [socket.create_connection(("127.0.0.1", daemon.port), timeout=30) for _ in range(50)]
+    """Open clients don't keep a stopping daemon alive: with 50 connections that keep
+    sending half a request (so no idle timeout ever closes them), SIGTERM still exits 0."""
+    clients = [socket.create_connection(("127.0.0.1", daemon.port), timeout=30) for _ in range(50)]
+    stop = threading.Event()
+
+    def drip() -> None:
+        while not stop.wait(0.5):
+            for sock in clients:
+                with contextlib.suppress(OSError):
+                    sock.sendall(b"X")
+
+    dripping = threading.Thread(target=drip, daemon=True)
+    dripping.start()
     try:
-        code, _ = daemon.stop(timeout=STATUS_IDLE_TIMEOUT)
+        code, _ = daemon.stop()
         assert code == 0
         records = stderr_records(daemon)
         assert records[-1]["message"] == "stopped"
     finally:
-        for sock in idle:
+        stop.set()
+        dripping.join()
+        for sock in clients:
             sock.close()
