@@ -10,7 +10,8 @@ from typing import Any
 from sqlalchemy import Engine, text
 
 from eventsync import db
-from eventsync.client import RetryPolicy, TogetherClient, make_http_client
+from eventsync import migrate as schema
+from eventsync.client import TogetherClient, make_http_client
 from eventsync.config import Settings
 from eventsync.sync import PassResult, plan_jobs, run_pass, tune_gc
 
@@ -28,7 +29,7 @@ def eventsync_pass(url: str, base_url: str, key: str, concurrency: int = 8) -> P
     engine = db.make_engine(settings.database_url, pool_size=concurrency)
     try:
         with make_http_client(settings) as http:
-            client = TogetherClient(http, RetryPolicy.from_settings(settings))
+            client = TogetherClient.from_settings(http, settings)
             jobs = plan_jobs(client, engine, [], all_jobs=True)
             result = run_pass(client, engine, jobs, concurrency=concurrency)
     finally:
@@ -40,7 +41,7 @@ def eventsync_pass(url: str, base_url: str, key: str, concurrency: int = 8) -> P
 
 def migrate(url: str) -> Engine:
     engine = db.make_engine(url)
-    db.upgrade(engine)
+    schema.upgrade(engine)
     return engine
 
 

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import email.utils
 import logging
-import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -64,10 +63,24 @@ MIB = 1024 * 1024
 ERROR_BODY_MAX = 4096
 
 
+class ApiKey(httpx.Auth):
+    """The API key: sent as a bearer token, and what no error message may show."""
+
+    def __init__(self, key: str) -> None:
+        self._key = key
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response]:
+        request.headers["Authorization"] = f"Bearer {self._key}"
+        yield request
+
+    def mask(self, text: str) -> str:
+        return text.replace(self._key, "***") if self._key else text
+
+
 def make_http_client(settings: Settings, **kwargs: Any) -> httpx.Client:
     """One pooled client for the whole run; keep-alive sized to the concurrency, and every
-    socket operation bounded by the deadline TogetherClient sets (eventsync.transport)."""
-    key = settings.require_api_key()
+    socket operation bounded by the deadline TogetherClient sets (eventsync.transport). It
+    holds no key: TogetherClient is given that."""
     limits = httpx.Limits(
         max_connections=settings.concurrency + 2,
         max_keepalive_connections=settings.concurrency + 2,
@@ -75,7 +88,6 @@ def make_http_client(settings: Settings, **kwargs: Any) -> httpx.Client:
     return httpx.Client(
         base_url=settings.api_root,
         headers={
-            "Authorization": f"Bearer {key}",
             "Accept": "application/json",
             "Accept-Encoding": transport.ACCEPT_ENCODING,
             "User-Agent": f"eventsync/{__version__}",
@@ -114,12 +126,6 @@ class RetryPolicy:
             max_body=settings.max_body_mb * MIB,
         )
 
-    def backoff(self, attempt: int) -> float:
-        """The wait after failed try number `attempt`, as stamina computes it. Computed here
-        so that a wait that would outlast the deadline is known before it starts."""
-        jitter = random.uniform(0, self.wait_jitter) if self.wait_jitter else 0.0
-        return min(self.wait_max, self.wait_initial * 2.0 ** (attempt - 1) + jitter)
-
 
 # Worth another try: the server or a proxy may answer differently in a moment.
 RETRY_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
@@ -129,11 +135,10 @@ class TogetherClient:
     """`GET /fine-tunes`, `/fine-tunes/{id}` and `/fine-tunes/{id}/events`, with errors mapped
     and transient failures retried. Thread-safe: one client serves every worker."""
 
-    def __init__(self, http: httpx.Client, retry: RetryPolicy | None = None) -> None:
+    def __init__(self, http: httpx.Client, key: ApiKey, retry: RetryPolicy | None = None) -> None:
         self.http = http
+        self.key = key
         self.retry = retry or RetryPolicy()
-        # The API might echo the key back in an error message; never pass it on.
-        self._secret = http.headers.get("authorization", "").removeprefix("Bearer ").strip()
         # A 429 pauses every worker, not just the one that got it.
         self._gate = threading.Lock()
         self._paused_until = 0.0
@@ -141,13 +146,18 @@ class TogetherClient:
         # wrong URL or no network, which no retry fixes.
         self._answered = False
 
+    @classmethod
+    def from_settings(cls, http: httpx.Client, settings: Settings) -> TogetherClient:
+        """The client the settings describe; ConfigError if the key is missing or unusable."""
+        return cls(http, ApiKey(settings.require_api_key()), RetryPolicy.from_settings(settings))
+
     def list_jobs(self) -> list[Job]:
         try:
-            listing = self._parsed("/fine-tunes", _JobList, what="job list")
+            listing = self._parsed("/fine-tunes", _JobList, what="listing jobs")
         except NotFoundError as exc:
             # No listing at all means the base URL is wrong, not that a job is unknown.
             raise ApiStatusError(
-                f"job list: HTTP 404 at {self.http.base_url}fine-tunes: "
+                f"listing jobs: HTTP 404 at {self.http.base_url}fine-tunes: "
                 "check TOGETHER_BASE_URL (https://api.together.ai)",
                 status_code=404,
                 api_message=exc.api_message,
@@ -171,36 +181,42 @@ class TogetherClient:
         included), all within the request deadline; errors come out with the key masked."""
         policy = self.retry
         at = time.monotonic() + policy.deadline
+        # Why retrying stopped short, if the deadline stopped it: said in the error.
+        cut_short: list[str] = []
         tries = 0
-        out_of_time = False
 
-        def backoff(exc: Exception) -> bool | float:
-            """stamina's hook: no retry, or the wait before the next try."""
-            nonlocal out_of_time
+        def retry_on(exc: Exception) -> bool | float:
+            """stamina's hook: no retry, stamina's own backoff, or the server's wait."""
             decision = self._decide(exc)
-            if decision is False:
+            cut_short.clear()
+            asked = None if isinstance(decision, bool) else decision
+            if asked is not None and asked >= at - time.monotonic():
+                cut_short.append(f"the server asked to wait {asked:g} s, past")
                 return False
-            wait = policy.backoff(tries) if decision is True else decision
-            left = at - time.monotonic()
-            if wait >= left:
-                out_of_time = left > 0  # else the error itself says the deadline passed
-                return False
-            log.warning("retrying in %.1fs after: %s", wait, self._described(exc))
-            return wait
+            if decision is not False:
+                cut_short.append("no time is left for another try within")
+                log.warning("retrying after: %s", self._described(exc))
+            return decision
 
         try:
             with transport.deadline(at):
                 for attempt in stamina.retry_context(
-                    on=backoff, attempts=policy.attempts, timeout=None
+                    on=retry_on,
+                    attempts=policy.attempts,
+                    # No backoff of stamina's (wait_max at most) may end past the deadline.
+                    timeout=max(policy.deadline - policy.wait_max, policy.deadline / 2),
+                    wait_initial=policy.wait_initial,
+                    wait_max=policy.wait_max,
+                    wait_jitter=policy.wait_jitter,
                 ):
                     with attempt:
                         tries = attempt.num
                         self._wait_for_gate(at)
                         return read(self._fetch(path, what=what))
         except EventsyncError as error:
-            if out_of_time:
+            if cut_short and tries < policy.attempts:
                 error.args = (
-                    f"{error} (not retried: the wait would pass the request deadline, "
+                    f"{error} (not retried: {cut_short[0]} the request deadline, "
                     f"{policy.deadline:g} s, EVENTSYNC_REQUEST_DEADLINE)",
                 )
             # The error outlives the request (the job's outcome keeps it), and its traceback and
@@ -246,10 +262,11 @@ class TogetherClient:
 
     def _masked(self, error: EventsyncError) -> EventsyncError:
         """The error with the key replaced by ***, should any layer have quoted it."""
-        if self._secret and self._secret in str(error):
-            error.args = (str(error).replace(self._secret, "***"),)
-            if isinstance(error, ApiError) and error.api_message:
-                error.api_message = error.api_message.replace(self._secret, "***")
+        masked = self.key.mask(str(error))
+        if masked != str(error):
+            error.args = (masked,)
+        if isinstance(error, ApiError) and error.api_message:
+            error.api_message = self.key.mask(error.api_message)
         return error
 
     def _fetch(self, path: str, *, what: str) -> bytes:
@@ -261,7 +278,7 @@ class TogetherClient:
         """
         try:
             timeout = transport.clamped(self.http.timeout)
-            with self.http.stream("GET", path, timeout=timeout) as response:
+            with self.http.stream("GET", path, timeout=timeout, auth=self.key) as response:
                 self._answered = True
                 if response.is_redirect:
                     location = response.headers.get("location", "?")

@@ -1,26 +1,22 @@
-"""Engines, SQLite pragmas, and Alembic migrations run from code."""
+"""Engines: the writer's, the readers', and the one write transaction a job gets.
+
+Which schema a database has is read here without Alembic (a read command shouldn't pay for
+importing it): REVISIONS lists the migrations, and a test holds it equal to migrations/.
+"""
 
 from __future__ import annotations
 
 import logging
-import sqlite3
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from importlib import resources
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
-from alembic.util import CommandError as AlembicError
-from sqlalchemy import Connection, Engine, create_engine, event, text
+from sqlalchemy import Connection, Engine, create_engine, event, inspect
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import NullPool
 
 from eventsync.errors import ConfigError, first_line
@@ -28,12 +24,11 @@ from eventsync.jsonio import column_text
 
 log = logging.getLogger(__name__)
 
-# Serialises migrations between processes that start together (Postgres advisory lock key).
-MIGRATION_LOCK_KEY = 0x6576_656E_7473  # "events"
+# Every schema revision in migrations/versions, oldest first; the database must be at HEAD.
+REVISIONS = ("0001", "0002", "0003", "0004")
+HEAD = REVISIONS[-1]
 # How long a SQLite connection waits for another process's write lock.
-_SQLITE_BUSY_SECONDS = 30
-# One try for the migration lock; between tries the process can act on a signal.
-_SQLITE_LOCK_TRY_MS = 100
+SQLITE_BUSY_SECONDS = 30
 
 
 def make_engine(url: str, *, pool_size: int = 8) -> Engine:
@@ -44,7 +39,7 @@ def make_engine(url: str, *, pool_size: int = 8) -> Engine:
         if database and database != ":memory:":
             Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(
-            parsed, connect_args={"timeout": _SQLITE_BUSY_SECONDS}, json_serializer=column_text
+            parsed, connect_args={"timeout": SQLITE_BUSY_SECONDS}, json_serializer=column_text
         )
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
@@ -66,7 +61,7 @@ class _SqliteWriter:
         self.lock = threading.Lock()
         self.unchecked = 0
         self.checkpoints = create_engine(
-            engine.url, poolclass=NullPool, connect_args={"timeout": _SQLITE_BUSY_SECONDS}
+            engine.url, poolclass=NullPool, connect_args={"timeout": SQLITE_BUSY_SECONDS}
         )
 
 
@@ -118,11 +113,13 @@ def _checkpoint(engine: Engine) -> None:
         log.warning("could not checkpoint the SQLite WAL: %s", first_line(exc))
 
 
-def open_reader(url: str) -> Engine:
+def open_reader(url: str, *, any_revision: bool = False) -> Engine:
     """An engine that can only read an eventsync database that already exists at the newest
-    revision: it creates no file or folder, and migrates nothing. ConfigError, with what to
-    run, otherwise."""
+    revision (at any, with `any_revision`): it creates no file or folder, and migrates
+    nothing. ConfigError, with what to run, otherwise."""
     engine = _read_only_engine(url)
+    if any_revision:
+        return engine
     try:
         _check_readable(engine, url)
     except BaseException:
@@ -145,7 +142,7 @@ def _read_only_engine(url: str) -> Engine:
             database=f"file:{quote(str(path.resolve()))}",
             query={"mode": "ro", "uri": "true"},
         )
-        engine = create_engine(read_only, connect_args={"timeout": _SQLITE_BUSY_SECONDS})
+        engine = create_engine(read_only, connect_args={"timeout": SQLITE_BUSY_SECONDS})
         event.listen(engine, "connect", _sqlite_query_only)
         return engine
     engine = create_engine(parsed, pool_pre_ping=True, pool_size=2, max_overflow=2)
@@ -175,7 +172,6 @@ def _no_database(where: str) -> str:
 
 def _check_readable(engine: Engine, url: str) -> None:
     current = current_revision(engine)
-    head = head_revision()
     if current is None:
         parsed = make_url(url)
         where = (
@@ -184,20 +180,29 @@ def _check_readable(engine: Engine, url: str) -> None:
             else parsed.render_as_string(hide_password=True)
         )
         raise ConfigError(_no_database(where))
-    if not is_known_revision(current):
-        raise ConfigError(_newer_than_eventsync(current, head))
-    if current != head:
+    if current not in REVISIONS:
+        raise ConfigError(newer_than_eventsync(current))
+    if current != HEAD:
         raise ConfigError(
-            f"the database is at schema revision {current}, this eventsync needs {head}: "
+            f"the database is at schema revision {current}, this eventsync needs {HEAD}: "
             "run `eventsync db upgrade`"
         )
 
 
-def _newer_than_eventsync(revision: str, head: str | None) -> str:
+def newer_than_eventsync(revision: str) -> str:
     return (
         f"the database is at schema revision {revision}, which this eventsync "
-        f"(newest revision {head}) does not know: upgrade eventsync"
+        f"(newest revision {HEAD}) does not know: upgrade eventsync"
     )
+
+
+def current_revision(engine: Engine) -> str | None:
+    """The Alembic revision the database is at; None for a database eventsync never made."""
+    with engine.connect() as connection:
+        if not inspect(connection).has_table("alembic_version"):
+            return None
+        found = connection.exec_driver_sql("SELECT version_num FROM alembic_version").scalar()
+        return str(found) if found is not None else None
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -205,121 +210,6 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     # WAL lets `sqlite3 eventsync.db` read while a sync writes; the busy timeout makes
     # concurrent writers wait instead of failing.
     cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute(f"PRAGMA busy_timeout={_SQLITE_BUSY_SECONDS * 1000}")
+    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_SECONDS * 1000}")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.close()
-
-
-def migrations_dir() -> Path:
-    """The Alembic script folder: inside the installed package, or the repo's top level."""
-    packaged = resources.files("eventsync") / "migrations"
-    if packaged.is_dir():
-        return Path(str(packaged))
-    return Path(__file__).resolve().parent.parent / "migrations"
-
-
-def alembic_config(connection: Connection | None = None) -> Config:
-    config = Config()
-    config.set_main_option("script_location", str(migrations_dir()))
-    if connection is not None:
-        config.attributes["connection"] = connection
-    return config
-
-
-def head_revision() -> str | None:
-    return ScriptDirectory.from_config(alembic_config()).get_current_head()
-
-
-def is_known_revision(revision: str) -> bool:
-    try:
-        return ScriptDirectory.from_config(alembic_config()).get_revision(revision) is not None
-    except AlembicError:
-        return False
-
-
-def current_revision(engine: Engine) -> str | None:
-    with engine.connect() as connection:
-        return MigrationContext.configure(connection).get_current_revision()
-
-
-@contextmanager
-def _migration_lock(connection: Connection) -> Iterator[None]:
-    if connection.dialect.name == "postgresql":
-        _wait_for_advisory_lock(connection)
-        try:
-            yield
-        finally:
-            connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": MIGRATION_LOCK_KEY})
-            connection.commit()
-    else:
-        # An exclusive transaction around the whole migration: a second process waits for it,
-        # then finds the schema at head and does nothing.
-        _begin_exclusive(connection)
-        try:
-            yield
-        except BaseException:
-            connection.rollback()
-            raise
-        connection.commit()
-
-
-def _wait_for_advisory_lock(connection: Connection) -> None:
-    """Poll for the lock (not a blocking call), so that a signal can still stop the process."""
-    waited = False
-    while not connection.execute(
-        text("SELECT pg_try_advisory_lock(:key)"), {"key": MIGRATION_LOCK_KEY}
-    ).scalar_one():
-        if not waited:
-            log.info("waiting for another eventsync to finish migrating the database")
-            waited = True
-        connection.rollback()
-        time.sleep(0.25)
-
-
-def _begin_exclusive(connection: Connection) -> None:
-    """BEGIN EXCLUSIVE, retried from Python while another process writes, for up to the busy
-    timeout. SQLite's busy handler sleeps inside C, where no signal handler runs: a SIGTERM
-    to a process queued there took effect only when the 30 s timeout ran out."""
-    connection.exec_driver_sql(f"PRAGMA busy_timeout = {_SQLITE_LOCK_TRY_MS}")
-    deadline = time.monotonic() + _SQLITE_BUSY_SECONDS
-    waited = False
-    try:
-        while True:
-            try:
-                connection.exec_driver_sql("BEGIN EXCLUSIVE")
-                return
-            except OperationalError as exc:
-                busy = getattr(exc.orig, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_BUSY
-                if not busy or time.monotonic() >= deadline:
-                    raise
-            connection.rollback()
-            if not waited:
-                log.info("waiting for another process's write to the database, to migrate it")
-                waited = True
-    finally:
-        connection.exec_driver_sql(f"PRAGMA busy_timeout = {_SQLITE_BUSY_SECONDS * 1000}")
-
-
-def upgrade(engine: Engine) -> tuple[str | None, str | None]:
-    """Upgrade to head under a lock. Returns (revision before, revision after)."""
-    with engine.connect() as connection, _migration_lock(connection):
-        before = MigrationContext.configure(connection).get_current_revision()
-        head = head_revision()
-        if before is not None and not is_known_revision(before):
-            raise ConfigError(_newer_than_eventsync(before, head))
-        if before != head:
-            command.upgrade(alembic_config(connection), "head")
-            connection.commit()
-        return before, head
-
-
-def ensure_schema(engine: Engine) -> None:
-    """Migrate an empty or older database, saying so; do nothing to a current one."""
-    before, after = upgrade(engine)
-    if before != after:
-        log.info(
-            "database migrated from %s to %s",
-            before or "an empty database",
-            after,
-            extra={"revision_before": before, "revision_after": after},
-        )

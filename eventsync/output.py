@@ -1,9 +1,10 @@
 """Printing rows for people and for programs: table, json, jsonl, csv.
 
-Tables follow the terminal: colour and its width on a TTY, plain aligned text when piped.
-What people read is text from outside (the API, the database), so it is printed as text:
-never as rich markup, and with control characters spelled out (`visible`). Programs get the
-data as stored: JSON escapes controls itself, CSV keeps them.
+Tables follow the terminal: rich's colour and width on a TTY, plain aligned text when piped
+(rich is only imported then). What people read is text from outside (the API, the database),
+so it is printed as text: never as rich markup, and with control characters spelled out
+(`visible`). Programs get the data as stored: JSON escapes controls itself, CSV keeps them.
+Every timestamp, for people and programs alike, is ISO 8601 in UTC: 2026-12-02T09:22:17Z.
 """
 
 from __future__ import annotations
@@ -18,9 +19,6 @@ from decimal import Decimal
 from typing import Any
 
 import click
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
 
 FORMATS = ("table", "json", "jsonl", "csv")
 
@@ -55,10 +53,15 @@ def echo(text: str, *, err: bool = False) -> None:
     click.echo(visible(text), err=err)
 
 
+def timestamp(value: datetime | str) -> str:
+    """The one way a time is shown: ISO 8601, UTC, to the second."""
+    return as_utc(value).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def plain(value: Any) -> Any:
-    """A JSON-friendly value: datetimes as ISO 8601 (UTC), decimals as numbers."""
+    """A JSON-friendly value: datetimes as `timestamp`, decimals as numbers."""
     if isinstance(value, datetime):
-        return as_utc(value).isoformat()
+        return timestamp(value)
     if isinstance(value, date):
         return value.isoformat()
     if isinstance(value, Decimal):
@@ -74,13 +77,22 @@ def as_utc(value: datetime | str) -> datetime:
 
 
 def ago(value: datetime | str | None, now: datetime | None = None) -> str:
+    """How long ago, rounded to its largest unit: `3h ago`."""
     if value is None:
         return "never"
     seconds = max(0, int(((now or datetime.now(UTC)) - as_utc(value)).total_seconds()))
+    return f"{duration(seconds)} ago"
+
+
+def duration(seconds: float | None) -> str:
+    """A span rounded to its largest unit, for people: `45s`, `12m`, `3h`, `2d`."""
+    if seconds is None:
+        return ""
+    whole = round(float(seconds))
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds // size}{unit} ago"
-    return f"{seconds}s ago"
+        if whole >= size:
+            return f"{whole // size}{unit}"
+    return f"{whole}s"
 
 
 def progress_bar(progress: float | None, width: int = 10) -> str:
@@ -113,28 +125,47 @@ def emit(
 
 
 def table(rows: Sequence[dict[str, Any]], columns: Sequence[str], *, header: bool = True) -> None:
-    """Rows as an aligned table. Every header and cell is a rich `Text`, so `[/x]` or
-    `[link=...]` in a message is printed as written, never parsed as markup."""
+    """Rows as an aligned table: rich's on a terminal (its width, bold headers), plain text
+    when piped. Every cell is text, never rich markup, controls spelled out."""
+    if not sys.stdout.isatty():
+        Aligned(columns, rows).print(rows, header=header)
+        return
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
     console = Console(highlight=False)
-    grid = Table(
-        box=None,
-        pad_edge=False,
-        show_header=header,
-        header_style="bold" if console.is_terminal else "",
-    )
+    grid = Table(box=None, pad_edge=False, show_header=header, header_style="bold")
     for column in columns:
-        grid.add_column(cell(column), overflow="fold")
+        grid.add_column(Text(cell(column)), overflow="fold")
     for r in rows:
-        grid.add_row(*(cell(r.get(c)) for c in columns))
-    if console.is_terminal:
-        console.print(grid)
-    else:  # piped: no colour, no wrapping to a guessed width
-        Console(width=10_000, color_system=None, highlight=False).print(grid)
+        grid.add_row(*(Text(cell(r.get(c))) for c in columns))
+    console.print(grid)
 
 
-def cell(value: Any) -> Text:
-    """A table cell: the value as plain text, controls spelled out, no markup."""
-    return Text("" if value is None else visible(str(plain(value))))
+class Aligned:
+    """Plain-text columns, as wide as the header and the first rows need, which later rows
+    keep (`events --follow` adds rows that line up with the first ones). The last column is
+    never padded, so no line ends in spaces."""
+
+    def __init__(self, columns: Sequence[str], first: Sequence[dict[str, Any]] = ()) -> None:
+        self.columns = list(columns)
+        self.widths = [max([len(c), *(len(cell(r.get(c))) for r in first)]) for c in self.columns]
+
+    def print(self, rows: Sequence[dict[str, Any]], *, header: bool = False) -> None:
+        if header:
+            click.echo(self._line(self.columns))
+        for r in rows:
+            click.echo(self._line([cell(r.get(c)) for c in self.columns]))
+
+    def _line(self, cells: Sequence[str]) -> str:
+        padded = [text.ljust(width) for text, width in zip(cells[:-1], self.widths, strict=False)]
+        return "  ".join([*padded, cells[-1]])
+
+
+def cell(value: Any) -> str:
+    """A table cell: the value as plain text, controls spelled out."""
+    return "" if value is None else visible(str(plain(value)))
 
 
 _SPAN = re.compile(r"^(\d+)\s*([smhdw])$")

@@ -12,14 +12,14 @@ import time
 from collections.abc import Iterator
 from contextlib import closing
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from itertools import islice
 from typing import Any
 
 from sqlalchemy import Connection, Engine, func, select, text
 
 from eventsync.errors import QueryError, QueryRefused, first_line
-from eventsync.models import events_table
+from eventsync.models import events_table, state_table
 
 SUMMARY_COLUMNS = (
     "job_id",
@@ -49,7 +49,23 @@ def job_summaries(connection: Connection) -> list[dict[str, Any]]:
         "FROM sync_state s LEFT JOIN fine_tune_job_summary v ON v.job_id = s.job_id "
         "ORDER BY s.job_id"
     )
-    return [dict(row._mapping) for row in connection.execute(query)]
+    return [_with_times(dict(row._mapping)) for row in connection.execute(query)]
+
+
+def _with_times(row: dict[str, Any]) -> dict[str, Any]:
+    """SQLite's views hand timestamps back as text; make them the datetimes Postgres gives."""
+    for name in ("last_event_at", "last_synced_at"):
+        value = row.get(name)
+        if isinstance(value, str):
+            parsed = datetime.fromisoformat(value)
+            row[name] = parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    return row
+
+
+def job_known(connection: Connection, job_id: str) -> bool:
+    """Whether eventsync has a state row for the job (synced, tried, or followed)."""
+    query = select(state_table.c.job_id).where(state_table.c.job_id == job_id)
+    return connection.execute(query).first() is not None
 
 
 TIMELINE_COLUMNS = ("seq", "created_at", "type", "level", "step", "message", "checkpoint_path")
@@ -79,6 +95,28 @@ def job_timeline(
     else:
         query = query.order_by(c.seq)
     return [dict(row._mapping) for row in connection.execute(query)]
+
+
+def follow(
+    engine: Engine,
+    job_id: str,
+    *,
+    after_seq: int,
+    every: float = 1.0,
+    event_type: str | None = None,
+    since: datetime | None = None,
+) -> Iterator[list[dict[str, Any]]]:
+    """`events --follow`: the job's events stored after `after_seq`, a batch each time some
+    arrive, looked for every `every` seconds, for as long as the caller iterates."""
+    while True:
+        time.sleep(every)
+        with engine.connect() as connection:
+            new = job_timeline(
+                connection, job_id, event_type=event_type, since=since, after_seq=after_seq
+            )
+        if new:
+            after_seq = new[-1]["seq"]
+            yield new
 
 
 # -- eventsync sql ---------------------------------------------------------------------------

@@ -9,13 +9,13 @@ from sqlalchemy import Connection
 
 from eventsync.config import load_settings
 from eventsync.db import make_engine
-from eventsync.models import Base
+from eventsync.models import metadata
 
 config = context.config
 if config.config_file_name is not None and config.attributes.get("configure_logger", True):
     fileConfig(config.config_file_name, disable_existing_loggers=False)
 
-target_metadata = Base.metadata
+target_metadata = metadata
 
 
 def _configure(connection: Connection) -> None:

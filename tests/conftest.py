@@ -15,16 +15,32 @@ from pathlib import Path
 
 import httpx
 import pytest
+import stamina
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import make_url
 
-from eventsync import db
+from eventsync import db, migrate
 from eventsync.client import make_http_client
 from eventsync.fakeapi import FakeTogether
-from tests.helpers import API_KEY, make_settings, sync_pass
+from tests.helpers import API_KEY, ATTEMPTS, make_settings, sync_pass
 from tests.history import load
 
 DEFAULT_PG = "postgresql+psycopg://127.0.0.1:5432/test"
+
+
+@pytest.fixture(autouse=True)
+def _retries_without_waits() -> Iterator[None]:
+    """eventsync's retries run as in production, in stamina's testing mode: no waits, and
+    ATTEMPTS tries. Subprocesses get short waits from FAST_RETRY_ENV instead."""
+    stamina.set_testing(True, attempts=ATTEMPTS)
+    yield
+    stamina.set_testing(False)
+
+
+@pytest.fixture
+def real_retries() -> None:
+    """stamina's real waits and stop conditions, for tests of the waits themselves."""
+    stamina.set_testing(False)
 
 
 @pytest.fixture(scope="session")
@@ -96,7 +112,7 @@ def pg_db_url(pg_admin: Engine) -> Iterator[str]:
 def engine(db_url: str) -> Iterator[Engine]:
     """An engine on the fresh database, migrated to head."""
     engine = db.make_engine(db_url)
-    db.upgrade(engine)
+    migrate.upgrade(engine)
     yield engine
     engine.dispose()
 

@@ -10,16 +10,17 @@ from typing import Any
 
 from sqlalchemy import Engine, text
 
-from eventsync.client import RetryPolicy, TogetherClient, make_http_client
+from eventsync.client import ApiKey, RetryPolicy, TogetherClient, make_http_client
 from eventsync.config import Settings
 from eventsync.fakeapi import FakeTogether
 from eventsync.fingerprint import read_body
 from eventsync.sync import PassResult, plan_jobs, run_pass
 
 API_KEY = "test-key-5f1c2e"
-# Real retries, without the real waits.
-FAST_RETRY = RetryPolicy(attempts=3, wait_initial=0.01, wait_max=0.05, wait_jitter=0.01)
-# The same for eventsync run as a subprocess.
+# In-process tests retry as eventsync does, but in stamina's testing mode (conftest.py): no
+# waits, and this many tries.
+ATTEMPTS = 3
+# Short waits for eventsync run and sync as subprocesses, where testing mode can't reach.
 FAST_RETRY_ENV = {"EVENTSYNC_RETRY_WAIT_INITIAL": "0.01", "EVENTSYNC_RETRY_WAIT_MAX": "0.05"}
 REPO = Path(__file__).resolve().parent.parent
 # Tests wait for what they can observe, never a fixed time, and these are the ceilings on those
@@ -36,12 +37,14 @@ def make_settings(fake: FakeTogether, db_url: str, **extra: object) -> Settings:
         "database_url": db_url,
         "api_key": API_KEY,
         "base_url": fake.base_url,
-        "retry_attempts": FAST_RETRY.attempts,
-        "retry_wait_initial": FAST_RETRY.wait_initial,
-        "retry_wait_max": FAST_RETRY.wait_max,
         **extra,
     }
     return Settings(**values)  # type: ignore[arg-type]
+
+
+def client_for(http: Any, retry: RetryPolicy | None = None) -> TogetherClient:
+    """A client of the fake API, with the test key."""
+    return TogetherClient(http, ApiKey(API_KEY), retry or RetryPolicy())
 
 
 def sync_pass(
@@ -60,7 +63,7 @@ def sync_pass(
         fake, engine.url.render_as_string(hide_password=False), concurrency=concurrency, **extra
     )
     with make_http_client(settings, event_hooks=event_hooks) as http:
-        client = TogetherClient(http, RetryPolicy.from_settings(settings))
+        client = TogetherClient.from_settings(http, settings)
         jobs = plan_jobs(client, engine, job_ids or [], all_jobs=all_jobs, full=full)
         return run_pass(client, engine, jobs, concurrency=concurrency)
 

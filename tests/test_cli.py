@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select, text
 
-from eventsync import db
+from eventsync import db, migrate
 from eventsync.fakeapi import FakeTogether
 from eventsync.models import events_table
 from tests.helpers import API_KEY, FAST_RETRY_ENV
@@ -168,17 +168,23 @@ def test_user_mistakes_are_one_line_not_a_traceback(
 
 
 def test_db_upgrade_and_current_from_any_folder(db_url: str, tmp_path: Path) -> None:
-    """`eventsync db upgrade` works outside the repo (migrations ship in the package)."""
+    """`eventsync db upgrade` works outside the repo (migrations ship in the package);
+    `db current` only reads: it creates no SQLite file, and says an empty database is one."""
     before = run("db", "current", "--database-url", db_url, cwd=tmp_path)
-    assert before.returncode == 0, before.stderr
-    assert "current: none (empty database)" in before.stdout
+    if db_url.startswith("sqlite"):
+        assert before.returncode == 1
+        assert before.stderr.startswith("error: no eventsync database at ")
+        assert list(tmp_path.iterdir()) == []
+    else:
+        assert before.returncode == 0, before.stderr
+        assert "current: none (empty database)" in before.stdout
     up = run("db", "upgrade", "--database-url", db_url, cwd=tmp_path)
     assert up.returncode == 0, up.stderr
-    assert f"upgraded empty database -> {db.head_revision()}" in up.stdout
+    assert f"upgraded empty database -> {db.HEAD}" in up.stdout
     again = run("db", "upgrade", "--database-url", db_url, cwd=tmp_path)
-    assert f"already at {db.head_revision()}" in again.stdout
+    assert f"already at {db.HEAD}" in again.stdout
     after = run("db", "current", "--database-url", db_url, cwd=tmp_path)
-    assert f"current: {db.head_revision()}" in after.stdout
+    assert f"current: {db.HEAD}" in after.stdout
     assert "up to date" in after.stdout
 
 
@@ -260,7 +266,7 @@ def test_a_database_newer_than_eventsync_is_a_clear_error(
 ) -> None:
     """A schema revision this version doesn't know: one line telling the user what to do."""
     engine = db.make_engine(db_url)
-    db.upgrade(engine)
+    migrate.upgrade(engine)
     with engine.begin() as conn:
         conn.execute(text("UPDATE alembic_version SET version_num = 'f00d'"))
     engine.dispose()

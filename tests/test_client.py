@@ -19,14 +19,14 @@ from eventsync.errors import (
     TransportError,
 )
 from eventsync.fakeapi import FakeTogether
-from tests.helpers import FAST_RETRY, fetch_events, make_settings
+from tests.helpers import client_for, fetch_events, make_settings
 
 
 def test_lists_jobs_and_fetches_events(fake: FakeTogether, http_client: httpx.Client) -> None:
     """The listing gives ids and statuses; events come back in the server's order."""
     fake.add_job("ft-1", events=3, status="running")
     fake.add_job("ft-2", events=1, status="completed", generation="2026-08")
-    client = TogetherClient(http_client, FAST_RETRY)
+    client = client_for(http_client)
     assert [(j.id, j.status) for j in client.list_jobs()] == [
         ("ft-1", "running"),
         ("ft-2", "completed"),
@@ -41,7 +41,7 @@ def test_base_url_with_or_without_v1(fake: FakeTogether, suffix: str) -> None:
     fake.add_job("ft-1", events=2)
     settings = make_settings(fake, "sqlite:///x.db", base_url=fake.base_url + suffix)
     with make_http_client(settings) as http:
-        assert len(fetch_events(TogetherClient(http, FAST_RETRY), "ft-1")) == 2
+        assert len(fetch_events(client_for(http), "ft-1")) == 2
     assert api_root("https://api.together.ai") == "https://api.together.ai/v1"
 
 
@@ -50,7 +50,7 @@ def test_rejected_key_is_an_auth_error(fake: FakeTogether) -> None:
     fake.add_job("ft-1")
     settings = make_settings(fake, "sqlite:///x.db", api_key="wrong-key-123")
     with make_http_client(settings) as http, pytest.raises(AuthError) as caught:
-        fetch_events(TogetherClient(http, FAST_RETRY), "ft-1")
+        fetch_events(TogetherClient.from_settings(http, settings), "ft-1")
     assert "missing or was rejected" in str(caught.value)
     assert "Invalid API key" in str(caught.value)
     assert "wrong-key-123" not in str(caught.value)
@@ -61,7 +61,7 @@ def test_an_echoed_key_is_masked(fake: FakeTogether, http_client: httpx.Client) 
     body = {"error": {"message": "key test-key-5f1c2e is suspended", "type": "auth"}}
     fake.override = lambda path: (403, json.dumps(body).encode(), {})
     with pytest.raises(AuthError) as caught:
-        fetch_events(TogetherClient(http_client, FAST_RETRY), "ft-1")
+        fetch_events(client_for(http_client), "ft-1")
     assert "test-key-5f1c2e" not in str(caught.value)
     assert "key *** is suspended" in str(caught.value)
 
@@ -69,7 +69,7 @@ def test_an_echoed_key_is_masked(fake: FakeTogether, http_client: httpx.Client) 
 def test_unknown_job_is_not_found(fake: FakeTogether, http_client: httpx.Client) -> None:
     """404 maps to NotFoundError naming the job."""
     with pytest.raises(NotFoundError, match="ft-nope: unknown job"):
-        fetch_events(TogetherClient(http_client, FAST_RETRY), "ft-nope")
+        fetch_events(client_for(http_client), "ft-nope")
 
 
 @pytest.mark.parametrize(
@@ -87,14 +87,14 @@ def test_bad_payloads_are_payload_errors(
     """HTML, cut-short JSON and the wrong shape are PayloadErrors, not crashes."""
     fake.override = lambda path: (200, body, {"Content-Type": content_type})
     with pytest.raises(PayloadError, match="bad payload"):
-        fetch_events(TogetherClient(http_client, FAST_RETRY), "ft-1")
+        fetch_events(client_for(http_client), "ft-1")
 
 
 def test_connection_refused_is_a_transport_error(fake: FakeTogether) -> None:
     """No server at the base URL: TransportError, a network failure."""
     settings = make_settings(fake, "sqlite:///x.db", base_url="http://127.0.0.1:9")
     with make_http_client(settings) as http, pytest.raises(TransportError, match="network"):
-        fetch_events(TogetherClient(http, FAST_RETRY), "ft-1")
+        fetch_events(client_for(http), "ft-1")
 
 
 @pytest.mark.parametrize("job_id", ["../../files", "ft-1/../../files", "a b", "", ".."])
@@ -103,7 +103,7 @@ def test_job_ids_that_could_reach_other_endpoints_are_refused(
 ) -> None:
     """Path tricks in a job id never become a request."""
     with pytest.raises(ConfigError, match="invalid job id"):
-        fetch_events(TogetherClient(http_client, FAST_RETRY), job_id)
+        fetch_events(client_for(http_client), job_id)
     assert fake.requests == []
 
 
@@ -111,7 +111,7 @@ def test_redirects_are_reported_as_such(fake: FakeTogether, http_client: httpx.C
     """A 301 (e.g. http:// instead of https://) says where it points, not 'not JSON'."""
     fake.override = lambda path: (301, b"", {"Location": "https://api.together.ai/v1/x"})
     with pytest.raises(ApiStatusError, match=re.escape("redirect to https://api.together.ai/v1/x")):
-        fetch_events(TogetherClient(http_client, FAST_RETRY), "ft-1")
+        fetch_events(client_for(http_client), "ft-1")
 
 
 def test_multi_line_api_messages_become_one_line(
@@ -121,7 +121,7 @@ def test_multi_line_api_messages_become_one_line(
     body = json.dumps({"error": {"message": "upstream\nfailed\n  badly"}}).encode()
     fake.override = lambda path: (500, body, {})
     with pytest.raises(ApiStatusError) as caught:
-        fetch_events(TogetherClient(http_client, FAST_RETRY), "ft-1")
+        fetch_events(client_for(http_client), "ft-1")
     assert "\n" not in str(caught.value)
     assert "upstream failed badly" in str(caught.value)
 
@@ -130,6 +130,6 @@ def test_a_listing_404_means_a_wrong_base_url(fake: FakeTogether) -> None:
     """No /fine-tunes at all is reported as a base-URL problem, not as an unknown job."""
     settings = make_settings(fake, "sqlite:///x.db", base_url=fake.base_url + "/wrongprefix")
     with make_http_client(settings) as http, pytest.raises(ApiStatusError) as caught:
-        TogetherClient(http, FAST_RETRY).list_jobs()
+        client_for(http).list_jobs()
     assert "check TOGETHER_BASE_URL" in str(caught.value)
     assert "unknown job" not in str(caught.value)

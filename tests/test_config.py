@@ -29,7 +29,7 @@ def test_defaults() -> None:
     assert settings.database_url == "sqlite:///eventsync.db"
     assert settings.api_root == "https://api.together.ai/v1"
     assert settings.concurrency == 8
-    assert settings.job_ids == []
+    assert settings.job_ids == ()
     assert settings.api_key is None
 
 
@@ -40,7 +40,7 @@ def test_environment_and_flags(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TOGETHER_BASE_URL", "http://127.0.0.1:8765/v1")
     monkeypatch.setenv("TOGETHER_API_KEY", "k")
     settings = load_settings(concurrency=5)
-    assert settings.job_ids == ["ft-a", "ft-b", "ft-c"]
+    assert settings.job_ids == ("ft-a", "ft-b", "ft-c")
     assert settings.concurrency == 5
     assert settings.api_root == "http://127.0.0.1:8765/v1"
     assert settings.require_api_key() == "k"
@@ -61,19 +61,22 @@ def test_missing_key_is_a_config_error() -> None:
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"concurrency": 0}, "concurrency"),
-        ({"base_url": "api.together.ai"}, "base_url"),
+        ({"concurrency": 0}, "EVENTSYNC_CONCURRENCY: must be at least 1, not 0"),
+        ({"concurrency": "many"}, "EVENTSYNC_CONCURRENCY: must be a whole number, not 'many'"),
+        ({"log_format": "xml"}, "EVENTSYNC_LOG_FORMAT: must be 'console' or 'json', not 'xml'"),
+        ({"base_url": "api.together.ai"}, "TOGETHER_BASE_URL: must be an http"),
         ({"database_url": "mysql://x/y"}, "not supported"),
         ({"database_url": "not a url"}, "not a database URL"),
         ({"job_ids": ["ok", "../etc"]}, "invalid job id"),
-        ({"max_body_mb": 0}, "max_body_mb"),
-        ({"max_body_mb": 4096}, "max_body_mb"),
-        ({"request_deadline": 0}, "request_deadline"),
-        ({"request_deadline": 86400}, "request_deadline"),
+        ({"max_body_mb": 0}, "EVENTSYNC_MAX_BODY_MB: must be at least 1"),
+        ({"max_body_mb": 4096}, "EVENTSYNC_MAX_BODY_MB: must be at most 1024"),
+        ({"request_deadline": 0}, "EVENTSYNC_REQUEST_DEADLINE: must be more than 0"),
+        ({"request_deadline": 86400}, "EVENTSYNC_REQUEST_DEADLINE: must be at most 3600"),
     ],
 )
 def test_invalid_settings_are_one_clear_error(overrides: dict[str, object], message: str) -> None:
-    """Each bad value gives a ConfigError naming it."""
+    """Each bad value gives a ConfigError naming its variable and what it must be, in words
+    for people rather than pydantic's."""
     with pytest.raises(ConfigError, match=message):
         load_settings(**overrides)
 
@@ -139,5 +142,5 @@ def test_psycopg2_urls_are_served_by_psycopg3() -> None:
 @pytest.mark.parametrize("url", ["http://127.0.0.1:notaport", "http://[::1", "ftp://x"])
 def test_bad_base_urls(url: str) -> None:
     """Base URLs httpx can't use are a ConfigError, not a traceback later."""
-    with pytest.raises(ConfigError, match="base_url"):
+    with pytest.raises(ConfigError, match="TOGETHER_BASE_URL"):
         load_settings(base_url=url)

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, text
 
-from eventsync import reads
+from eventsync import migrate, reads
 from eventsync.datasette import METADATA
 from eventsync.demo import Demo
 from eventsync.fakeapi import FakeTogether
@@ -139,7 +139,7 @@ def test_datasette_serves_the_canned_queries(fake: FakeTogether, tmp_path: Path)
 
     target = tmp_path / "eventsync.db"  # the name the metadata's database key expects
     engine = db.make_engine(f"sqlite:///{target}")
-    db.upgrade(engine)
+    migrate.upgrade(engine)
     load(fake)
     sync_pass(fake, engine, ["ft-done", "ft-run", "ft-fail", "ft-missing"])
     engine.dispose()

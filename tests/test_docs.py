@@ -15,7 +15,7 @@ from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
-from eventsync import db
+from eventsync import db, migrate
 from eventsync.fakeapi import FakeTogether
 from tests.helpers import REPO, sync_pass
 from tests.test_cli import EVENTSYNC
@@ -108,7 +108,7 @@ def test_the_reader_role_reads_and_cannot_write(
         )
         assert psql.returncode == 0, psql.stderr
         engine = db.make_engine(pg_db_url)
-        db.upgrade(engine)
+        migrate.upgrade(engine)
         fake.add_job("ft-a", events=3)
         sync_pass(fake, engine, ["ft-a"])
         engine.dispose()

@@ -13,11 +13,12 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine, create_engine, text
 
-from eventsync import db
+from eventsync import db, migrate
 from eventsync.client import make_http_client
-from eventsync.daemon import Daemon, Metrics
+from eventsync.daemon import Daemon
 from eventsync.events import parse_events
 from eventsync.fakeapi import FakeTogether
+from eventsync.status import Metrics
 from tests.helpers import EVENTUALLY, event_counts, make_settings, sync_pass, wait_until
 from tests.test_cli import EVENTSYNC
 from tests.test_daemon import start_daemon  # noqa: F401  (fixture)
@@ -47,7 +48,7 @@ def test_a_sqlite_reader_breaks_nothing(fake: FakeTogether, tmp_path: Path) -> N
     """`sqlite3 eventsync.db` holding a read transaction during a sync: both carry on (WAL)."""
     path = tmp_path / "eventsync.db"
     engine = db.make_engine(f"sqlite:///{path}")
-    db.upgrade(engine)
+    migrate.upgrade(engine)
     fake.add_job("ft-1", events=50)
     reader = sqlite3.connect(path)
     reader.execute("BEGIN")
@@ -78,7 +79,7 @@ def test_racing_migrations(db_url: str, tmp_path: Path) -> None:
     assert [p.returncode for p in procs] == [0, 0, 0, 0], outputs
     assert sum("upgraded empty database" in out for out, _ in outputs) == 1
     engine = db.make_engine(db_url)
-    assert db.current_revision(engine) == db.head_revision()
+    assert db.current_revision(engine) == db.HEAD
     engine.dispose()
 
 
@@ -196,7 +197,7 @@ def test_postgres_backends_terminated_mid_pass(
     """pg_terminate_backend during passes: the daemon logs, retries next pass, loses nothing."""
     db_url = pg_db_url
     engine = db.make_engine(db_url)
-    db.upgrade(engine)
+    migrate.upgrade(engine)
     for i in range(10):
         fake.add_job(f"ft-{i}", events=400)
     fake.latency = 0.02

@@ -16,13 +16,14 @@ import httpx
 import pytest
 from sqlalchemy import Engine, select
 
-from eventsync.client import RetryPolicy, TogetherClient, make_http_client, retry_after
+from eventsync.client import TogetherClient, make_http_client, retry_after
 from eventsync.errors import ApiStatusError, UnreachableError
 from eventsync.fakeapi import FAULT_KINDS, FakeTogether, make_event
 from eventsync.models import events_table, state_table
 from tests.helpers import (
     API_KEY,
-    FAST_RETRY,
+    ATTEMPTS,
+    client_for,
     event_counts,
     fetch_events,
     free_port,
@@ -76,7 +77,7 @@ def test_a_lasting_fault_fails_the_job_cleanly(
     sync_pass(fake, engine, ["ft-1"])
     fake.add_events("ft-1", 20)
     fake.add_job("ft-2", events=7)
-    fake.inject(kind, match="ft-1/events", times=FAST_RETRY.attempts, seconds=STALL)
+    fake.inject(kind, match="ft-1/events", times=ATTEMPTS, seconds=STALL)
     result = sync_pass(fake, engine, ["ft-1", "ft-2"], timeout=READ_TIMEOUT)
     failed, ok = result.outcomes
     assert failed.error is not None
@@ -86,7 +87,7 @@ def test_a_lasting_fault_fails_the_job_cleanly(
     with engine.connect() as conn:
         state = conn.execute(select(state_table).where(state_table.c.job_id == "ft-1")).one()
     assert state.last_error_kind == SURFACES_AS[kind]
-    assert fetches(fake, "ft-1") == 1 + FAST_RETRY.attempts
+    assert fetches(fake, "ft-1") == 1 + ATTEMPTS
     assert sync_pass(fake, engine, ["ft-1"]).ok
     assert event_counts(engine) == {"ft-1": 25, "ft-2": 7}
 
@@ -101,11 +102,12 @@ def test_rejected_key_is_not_retried(fake: FakeTogether, engine: Engine) -> None
     assert fetches(fake, "ft-1") == 1
 
 
+@pytest.mark.usefixtures("real_retries")
 def test_retry_after_is_honoured(fake: FakeTogether, http_client: httpx.Client) -> None:
     """503 with Retry-After: the next try waits that long, not the (tiny) backoff."""
     fake.add_job("ft-1", events=2)
     fake.inject("status", match="/events", status=503, headers={"Retry-After": "0.4"})
-    client = TogetherClient(http_client, FAST_RETRY)
+    client = client_for(http_client)
     assert len(fetch_events(client, "ft-1")) == 2
     first, second = (t for t, path in fake.arrivals if path.endswith("/events"))
     assert second - first >= 0.4
@@ -138,7 +140,7 @@ def test_waits_asked_for_are_capped_at_60s(http_client: httpx.Client) -> None:
     """A server asking for an hour gets 60 s at most."""
     error = ApiStatusError("slow down", status_code=503)
     error.retry_after = 3600
-    assert TogetherClient(http_client, RetryPolicy())._decide(error) == 60
+    assert client_for(http_client)._decide(error) == 60
 
 
 def test_429_pauses_every_worker(
@@ -217,12 +219,15 @@ def test_hostile_events_are_all_stored(fake: FakeTogether, engine: Engine) -> No
     assert [i for i, row in enumerate(rows) if row.repairs] == [1, 2, 3, 5]
 
 
+@pytest.mark.usefixtures("real_retries")
 def test_settings_knobs_reach_the_client(fake: FakeTogether) -> None:
     """retry_attempts from settings is what the client uses."""
-    settings = make_settings(fake, "sqlite:///x.db", retry_attempts=2)
+    settings = make_settings(
+        fake, "sqlite:///x.db", retry_attempts=2, retry_wait_initial=0.01, retry_wait_max=0.05
+    )
     fake.inject("status", match="/events", times=5, status=500)
     with make_http_client(settings) as http:
-        client = TogetherClient(http, RetryPolicy.from_settings(settings))
+        client = TogetherClient.from_settings(http, settings)
         with pytest.raises(ApiStatusError):
             fetch_events(client, "ft-1")
     assert fetches(fake, "ft-1") == 2
@@ -261,7 +266,7 @@ def test_a_refused_connection_is_not_retried_before_any_answer(
     port = free_port()
     settings = make_settings(fake, "sqlite:///x.db", base_url=f"http://127.0.0.1:{port}")
     with make_http_client(settings) as http, pytest.raises(UnreachableError, match="refused"):
-        fetch_events(TogetherClient(http, RetryPolicy.from_settings(settings)), "ft-1")
+        fetch_events(TogetherClient.from_settings(http, settings), "ft-1")
     assert socket_calls.count(("socket.connect", ("127.0.0.1", port))) == 1
 
 
@@ -271,7 +276,7 @@ def test_a_name_that_does_not_resolve_is_not_retried(
     """A base URL whose host has no address: one lookup, then a network error."""
     settings = make_settings(fake, "sqlite:///x.db", base_url="http://nonexistent.invalid")
     with make_http_client(settings) as http, pytest.raises(UnreachableError, match="network"):
-        fetch_events(TogetherClient(http, RetryPolicy.from_settings(settings)), "ft-1")
+        fetch_events(TogetherClient.from_settings(http, settings), "ft-1")
     assert socket_calls.count(("socket.getaddrinfo", "nonexistent.invalid")) == 1
 
 
@@ -310,7 +315,7 @@ def test_a_refused_connection_after_an_answer_is_retried() -> None:
     settings = make_settings(server, "sqlite:///x.db")
     try:
         with make_http_client(settings) as http:
-            client = TogetherClient(http, RetryPolicy.from_settings(settings))
+            client = TogetherClient.from_settings(http, settings)
             # The answer closes its connection, so the next request must connect anew.
             server.override = lambda path: (200, b'{"data": []}', {"Connection": "close"})
             assert client.list_jobs() == []

@@ -7,7 +7,7 @@ import httpx
 from eventsync.client import TogetherClient
 from eventsync.fakeapi import FakeTogether
 from eventsync.fingerprint import Body, Fingerprint, read_body
-from tests.helpers import FAST_RETRY
+from tests.helpers import client_for
 
 
 def fetch(client: TogetherClient, known: Fingerprint | None) -> Body:
@@ -17,7 +17,7 @@ def fetch(client: TogetherClient, known: Fingerprint | None) -> Body:
 def test_an_unchanged_body_is_not_decoded(fake: FakeTogether, http_client: httpx.Client) -> None:
     """The same body again is recognised by its fingerprint: no events are decoded."""
     fake.add_job("ft-1", events=3)
-    client = TogetherClient(http_client, FAST_RETRY)
+    client = client_for(http_client)
     first = fetch(client, None)
     assert first.events == fake.jobs["ft-1"].events
     again = fetch(client, first.fingerprint)
@@ -28,7 +28,7 @@ def test_only_the_appended_tail_is_decoded(fake: FakeTogether, http_client: http
     """A body that extends the stored one yields just the new events; any other change
     (an edit in the middle, a removal) yields the whole list again."""
     fake.add_job("ft-1", events=5)
-    client = TogetherClient(http_client, FAST_RETRY)
+    client = client_for(http_client)
     first = fetch(client, None)
     fake.add_events("ft-1", 2)
     grown = fetch(client, first.fingerprint)

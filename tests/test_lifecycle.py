@@ -10,9 +10,10 @@ import pytest
 from sqlalchemy import Engine, text
 
 from eventsync.client import make_http_client
-from eventsync.daemon import Daemon, Metrics
+from eventsync.daemon import Daemon
 from eventsync.fakeapi import FakeTogether, make_event
-from tests.helpers import FAST_RETRY, event_counts, make_settings, wait_until
+from eventsync.status import Metrics
+from tests.helpers import ATTEMPTS, event_counts, make_settings, wait_until
 
 
 @pytest.fixture
@@ -71,7 +72,7 @@ def test_a_failed_last_fetch_is_retried(fake: FakeTogether, engine: Engine, daem
     assert finished(engine, "ft-done")
     fetched = event_fetches(fake, "ft-done")
     daemon.run_pass()
-    assert event_fetches(fake, "ft-done") == fetched == FAST_RETRY.attempts + 1
+    assert event_fetches(fake, "ft-done") == fetched == ATTEMPTS + 1
 
 
 def test_a_job_that_comes_back_is_polled_again(

@@ -7,9 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, inspect, text
 
-from eventsync import db, views
+from eventsync import db, migrate, views
 from tests.helpers import REPO
 
 ALEMBIC = [sys.executable, "-m", "alembic"]
@@ -46,9 +47,9 @@ def test_upgrade_from_code_is_idempotent(db_url: str) -> None:
     """db.upgrade migrates an empty database once, then reports it is already at head."""
     engine = db.make_engine(db_url)
     try:
-        assert db.upgrade(engine) == (None, db.head_revision())
-        assert db.upgrade(engine) == (db.head_revision(), db.head_revision())
-        assert db.current_revision(engine) == db.head_revision()
+        assert migrate.upgrade(engine) == (None, db.HEAD)
+        assert migrate.upgrade(engine) == (db.HEAD, db.HEAD)
+        assert db.current_revision(engine) == db.HEAD
     finally:
         engine.dispose()
 
@@ -57,7 +58,7 @@ def test_raw_is_jsonb_on_postgres_and_no_enums(db_url: str) -> None:
     """raw is JSONB on Postgres; type and level are plain text columns with no CHECKs."""
     engine = db.make_engine(db_url)
     try:
-        db.upgrade(engine)
+        migrate.upgrade(engine)
         columns = {c["name"]: c for c in inspect(engine).get_columns("fine_tune_events")}
         assert inspect(engine).get_check_constraints("fine_tune_events") == []
         if engine.dialect.name == "postgresql":
@@ -124,3 +125,11 @@ def test_migrated_views_are_the_current_definitions(engine: Engine) -> None:
 
 def _words(sql: str) -> str:
     return " ".join(sql.replace("(", " ( ").replace(")", " ) ").split()).rstrip(";")
+
+
+def test_the_revisions_eventsync_knows_are_the_migrations() -> None:
+    """db.REVISIONS, which read commands check without importing Alembic, lists exactly the
+    revisions in migrations/versions, oldest first."""
+    script = ScriptDirectory.from_config(migrate.alembic_config())
+    assert tuple(reversed([r.revision for r in script.walk_revisions()])) == db.REVISIONS
+    assert script.get_current_head() == db.HEAD

@@ -16,7 +16,7 @@ from alembic import command as alembic
 from sqlalchemy import Engine, text
 from sqlalchemy.engine import make_url
 
-from eventsync import db
+from eventsync import db, migrate
 from eventsync.fakeapi import FakeTogether, make_event
 from tests.helpers import EVENTUALLY, sync_pass
 from tests.history import load
@@ -239,7 +239,7 @@ def schema_at(db_url: str, revision: str | None) -> None:
     try:
         with engine.connect() as conn:
             if revision in ("0002", "f00d"):
-                alembic.upgrade(db.alembic_config(conn), "0002")
+                alembic.upgrade(migrate.alembic_config(conn), "0002")
                 conn.commit()
             if revision == "f00d":
                 conn.execute(text("UPDATE alembic_version SET version_num = 'f00d'"))
@@ -262,9 +262,9 @@ def test_read_commands_never_migrate(db_url: str, tmp_path: Path, revision: str 
     expected = {
         None: f"no eventsync database at {shown}: {HOW_TO_CREATE}",
         "0002": "the database is at schema revision 0002, this eventsync needs "
-        f"{db.head_revision()}: run `eventsync db upgrade`",
+        f"{db.HEAD}: run `eventsync db upgrade`",
         "f00d": "the database is at schema revision f00d, which this eventsync "
-        f"(newest revision {db.head_revision()}) does not know: upgrade eventsync",
+        f"(newest revision {db.HEAD}) does not know: upgrade eventsync",
     }[revision]
     for command in READ_COMMANDS:
         result = run(*command, "--database-url", db_url, cwd=tmp_path)
@@ -285,7 +285,7 @@ def test_reads_a_wal_database_held_open_and_one_closed_cleanly(
     path = tmp_path / "eventsync.db"
     url = f"sqlite:///{path}"
     writer = db.make_engine(url)
-    db.upgrade(writer)
+    migrate.upgrade(writer)
     load(fake)
     sync_pass(fake, writer, ["ft-done", "ft-run", "ft-fail"])
     wal = path.with_name("eventsync.db-wal")

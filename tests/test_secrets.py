@@ -117,12 +117,10 @@ def test_json_logs_redact_tracebacks_and_extra_fields(capsys, monkeypatch, tmp_p
     """Even a traceback or an extra field holding the key comes out as *** in JSON mode."""
     import logging
 
-    from eventsync.cli import setup_logging
-    from eventsync.config import load_settings
+    from eventsync import logs
 
     monkeypatch.chdir(tmp_path)
-    settings = load_settings(api_key=LEAK, log_format="json")
-    setup_logging(settings)
+    logs.configure("json", secret=LEAK)
     log = logging.getLogger("eventsync.test")
     try:
         raise RuntimeError(f"boom with {LEAK}")

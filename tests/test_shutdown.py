@@ -20,10 +20,11 @@ import pytest
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import make_url
 
-from eventsync import db
+from eventsync import migrate
 from eventsync.client import make_http_client
-from eventsync.daemon import Daemon, Metrics
+from eventsync.daemon import Daemon
 from eventsync.fakeapi import FakeTogether
+from eventsync.status import Metrics
 from tests.helpers import (
     API_KEY,
     SHUTDOWN_CEILING,
@@ -151,11 +152,11 @@ def _migration_lock_held(db_url: str) -> Iterator[None]:
         return
     engine = create_engine(db_url)
     with engine.connect() as conn:
-        conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": db.MIGRATION_LOCK_KEY})
+        conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": migrate.MIGRATION_LOCK_KEY})
         try:
             yield
         finally:
-            conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": db.MIGRATION_LOCK_KEY})
+            conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": migrate.MIGRATION_LOCK_KEY})
     engine.dispose()
 
 

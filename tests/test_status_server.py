@@ -16,8 +16,8 @@ import httpx
 import pytest
 from sqlalchemy import Engine
 
-from eventsync.daemon import STATUS_IDLE_TIMEOUT
 from eventsync.fakeapi import FakeTogether
+from eventsync.status import STATUS_IDLE_TIMEOUT
 from tests import test_daemon
 from tests.helpers import wait_until
 

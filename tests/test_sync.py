@@ -11,7 +11,7 @@ from pathlib import Path
 
 from sqlalchemy import Engine, func, select, text
 
-from eventsync import db
+from eventsync import db, migrate
 from eventsync.fakeapi import FakeTogether, make_event
 from eventsync.models import events_table, state_table
 from tests.helpers import fail_inserts_of, install_write_counter, sync_pass, writes
@@ -313,7 +313,7 @@ def test_a_large_write_is_checkpointed_into_the_sqlite_file(
     """After a 1,200-event job the database file itself holds the rows, not only the WAL."""
     path = tmp_path / "events.db"
     engine = db.make_engine(f"sqlite:///{path}")
-    db.upgrade(engine)
+    migrate.upgrade(engine)
     fake.add_job("ft-big", events=1200)
     fake.add_job("ft-small", events=10)
     try:

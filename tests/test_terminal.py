@@ -213,7 +213,7 @@ def test_cli_fail_spells_out_controls(
     result = run("sync", "--all-jobs", "--database-url", db_url, cwd=tmp_path, env=api_env)
     assert result.returncode == 1
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert errors == [f"error: could not list jobs: job list: HTTP 400: {SPELLED_ON}"]
+    assert errors == [f"error: listing jobs: HTTP 400: {SPELLED_ON}"]
     assert raw_controls(result.stderr) == []
 
 
@@ -252,9 +252,9 @@ def test_log_lines_spell_out_controls(
 def test_a_log_message_cannot_forge_a_line(capsys: pytest.CaptureFixture[str]) -> None:
     """A line break in a logged value is spelled out; a traceback keeps its own lines but
     not the controls in its message."""
-    from eventsync.cli import setup_logging
+    from eventsync import logs
 
-    setup_logging()
+    logs.configure()
     log = logging.getLogger("eventsync.test")
     try:
         log.warning("job said %s", "ok\n2026-01-01 00:00:00,000 INFO    eventsync: forged")

@@ -34,7 +34,8 @@ from eventsync.transport import (
 )
 from tests.helpers import (
     API_KEY,
-    FAST_RETRY,
+    ATTEMPTS,
+    client_for,
     event_counts,
     fetch_events,
     make_settings,
@@ -76,25 +77,23 @@ def raw_settings(url: str, *, db_url: str = "sqlite:///unused.db", **extra: obje
         "database_url": db_url,
         "api_key": API_KEY,
         "base_url": url,
-        "retry_attempts": FAST_RETRY.attempts,
-        "retry_wait_initial": FAST_RETRY.wait_initial,
-        "retry_wait_max": FAST_RETRY.wait_max,
+        "retry_attempts": ATTEMPTS,
         **extra,
     }
     return Settings(**values)  # type: ignore[arg-type]
 
 
 @contextmanager
-def client_for(url: str, **extra: object) -> Iterator[TogetherClient]:
+def raw_client(url: str, **extra: object) -> Iterator[TogetherClient]:
     settings = raw_settings(url, **extra)
     with make_http_client(settings) as http:
-        yield TogetherClient(http, RetryPolicy.from_settings(settings))
+        yield TogetherClient.from_settings(http, settings)
 
 
 def raw_pass(url: str, engine: Engine, job_ids: list[str], **extra: object) -> PassResult:
     settings = raw_settings(url, db_url=engine.url.render_as_string(hide_password=False), **extra)
     with make_http_client(settings) as http:
-        client = TogetherClient(http, RetryPolicy.from_settings(settings))
+        client = TogetherClient.from_settings(http, settings)
         jobs = plan_jobs(client, engine, job_ids, all_jobs=False)
         return run_pass(client, engine, jobs, concurrency=4)
 
@@ -133,7 +132,7 @@ def test_reading_stops_at_the_cap(
     closed there, so the server gets out little more than the cap (plus socket buffers)."""
     server = serve(endless(b"x" * 65536, limit=256 * MIB, **headers))
     with (
-        client_for(server.base_url, max_body_mb=1) as client,
+        raw_client(server.base_url, max_body_mb=1) as client,
         pytest.raises(RefusedBodyError, match=r"over 1 MB \(EVENTSYNC_MAX_BODY_MB\)"),
     ):
         fetch_events(client, "ft-big")
@@ -148,7 +147,7 @@ def test_a_gzip_bomb_fails_its_job_not_the_process(fake: FakeTogether) -> None:
     fake.override = lambda path: (200, gzip_zeros(1024), {"Content-Encoding": "gzip"})
     settings = make_settings(fake, "sqlite:///unused.db", max_body_mb=8)
     with make_http_client(settings) as http:
-        client = TogetherClient(http, RetryPolicy.from_settings(settings))
+        client = TogetherClient.from_settings(http, settings)
         with pytest.raises(RefusedBodyError, match=r"over 8 MB \(EVENTSYNC_MAX_BODY_MB\)"):
             fetch_events(client, "ft-1")
     assert fetches(fake, "ft-1") == 1
@@ -160,7 +159,7 @@ def test_a_failed_request_keeps_nothing_of_its_body(fake: FakeTogether) -> None:
     fake.override = lambda path: (200, b'{"data": [{"a": 1},' + b" " * 1000, {})
     settings = make_settings(fake, "sqlite:///unused.db")
     with make_http_client(settings) as http, pytest.raises(PayloadError) as caught:
-        fetch_events(TogetherClient(http, FAST_RETRY), "ft-1")
+        fetch_events(client_for(http), "ft-1")
     assert caught.value.__context__ is None
     frames = [frame.f_code.co_name for frame, _ in traceback.walk_tb(caught.value.__traceback__)]
     assert frames[-1] == "_get"
@@ -187,7 +186,7 @@ def test_encodings_not_asked_for_are_refused(fake: FakeTogether, coding: str) ->
         make_http_client(settings) as http,
         pytest.raises(RefusedBodyError, match=f"Content-Encoding '{coding}' was not asked"),
     ):
-        fetch_events(TogetherClient(http, FAST_RETRY), "ft-1")
+        fetch_events(client_for(http), "ft-1")
     assert fetches(fake, "ft-1") == 1
 
 
@@ -202,7 +201,7 @@ def test_compressed_bodies_are_read(fake: FakeTogether, wbits: int) -> None:
     fake.override = lambda path: (200, packed, {"Content-Encoding": coding})
     settings = make_settings(fake, "sqlite:///unused.db")
     with make_http_client(settings) as http:
-        events = fetch_events(TogetherClient(http, FAST_RETRY), "ft-1")
+        events = fetch_events(client_for(http), "ft-1")
     assert events == fake.jobs["ft-1"].events
 
 
@@ -259,8 +258,8 @@ def test_broken_compression_is_a_bad_payload(fake: FakeTogether, body: bytes, co
     fake.override = lambda path: (200, body, {"Content-Encoding": coding})
     settings = make_settings(fake, "sqlite:///unused.db")
     with make_http_client(settings) as http, pytest.raises(PayloadError, match="gzip body"):
-        fetch_events(TogetherClient(http, FAST_RETRY), "ft-1")
-    assert fetches(fake, "ft-1") == FAST_RETRY.attempts
+        fetch_events(client_for(http), "ft-1")
+    assert fetches(fake, "ft-1") == ATTEMPTS
 
 
 def test_error_bodies_are_read_no_further_than_4_kib(
@@ -271,12 +270,12 @@ def test_error_bodies_are_read_no_further_than_4_kib(
     message = json.dumps({"error": {"message": "overloaded, try later"}}).encode()
     server = serve(endless(b" " * 65536, status=503, first=message, limit=256 * MIB))
     with (
-        client_for(server.base_url) as client,
+        raw_client(server.base_url) as client,
         pytest.raises(ApiStatusError, match="HTTP 503: overloaded, try later"),
     ):
         fetch_events(client, "ft-1")
-    assert len(server.heads) == FAST_RETRY.attempts
-    assert server.sent < FAST_RETRY.attempts * 32 * MIB
+    assert len(server.heads) == ATTEMPTS
+    assert server.sent < ATTEMPTS * 32 * MIB
 
 
 # -- time -----------------------------------------------------------------------------------
@@ -293,7 +292,7 @@ def test_a_dripping_server_cannot_hold_a_request_past_its_deadline(
     server = serve(handler)
     started = time.monotonic()
     with (
-        client_for(server.base_url, request_deadline=1, timeout=5) as client,
+        raw_client(server.base_url, request_deadline=1, timeout=5) as client,
         pytest.raises(TransportError, match=DEADLINE_ERROR),
     ):
         fetch_events(client, "ft-1")
@@ -332,7 +331,7 @@ def test_waiting_for_a_free_connection_ends_at_the_deadline(
     settings = raw_settings(server.base_url, concurrency=1, timeout=60, request_deadline=90)
     pool_size = settings.concurrency + 2
     with make_http_client(settings) as http:
-        slow = TogetherClient(http, RetryPolicy.from_settings(settings))
+        slow = TogetherClient.from_settings(http, settings)
 
         def hold_a_connection() -> None:
             with contextlib.suppress(TransportError):
@@ -342,7 +341,7 @@ def test_waiting_for_a_free_connection_ends_at_the_deadline(
         for hog in hogs:
             hog.start()
         wait_until(lambda: len(server.heads) == pool_size, 30)
-        quick = TogetherClient(http, replace(RetryPolicy.from_settings(settings), deadline=1))
+        quick = client_for(http, replace(RetryPolicy.from_settings(settings), deadline=1))
         started = time.monotonic()
         with pytest.raises(TransportError, match=DEADLINE_ERROR):
             fetch_events(quick, "ft-1")
@@ -353,14 +352,15 @@ def test_waiting_for_a_free_connection_ends_at_the_deadline(
             hog.join(timeout=30)
 
 
+@pytest.mark.usefixtures("real_retries")
 def test_retries_stop_at_the_deadline(fake: FakeTogether) -> None:
     """The deadline covers every try and every wait: a server that keeps answering 503 with
     Retry-After gets only the tries that fit, and the error says why retrying stopped."""
     fake.inject("status", match="/events", times=50, status=503, headers={"Retry-After": "0.6"})
     settings = make_settings(fake, "sqlite:///unused.db", request_deadline=2, retry_attempts=10)
     with make_http_client(settings) as http:
-        client = TogetherClient(http, RetryPolicy.from_settings(settings))
-        with pytest.raises(ApiStatusError, match="would pass the request deadline"):
+        client = TogetherClient.from_settings(http, settings)
+        with pytest.raises(ApiStatusError, match=r"not retried: .* the request deadline, 2 s"):
             fetch_events(client, "ft-1")
     assert 2 <= fetches(fake, "ft-1") <= 4
 
@@ -383,5 +383,5 @@ def test_proxy_variables_are_still_honoured(
     fake.add_job("ft-1", events=2)
     settings = make_settings(fake, "sqlite:///unused.db", base_url="http://api.example.invalid")
     with make_http_client(settings) as http:
-        assert len(fetch_events(TogetherClient(http, FAST_RETRY), "ft-1")) == 2
+        assert len(fetch_events(client_for(http), "ft-1")) == 2
     assert fake.requests == ["http://api.example.invalid/v1/fine-tunes/ft-1/events"]
