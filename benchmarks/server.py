@@ -7,7 +7,7 @@ import multiprocessing as mp
 from multiprocessing.connection import Connection
 from typing import Any
 
-from eventsync.fakeapi import FakeTogether
+from eventsync.testing import FakeTogether
 
 KEY = "bench-key-0123456789"
 

@@ -145,8 +145,9 @@ def table(rows: Sequence[dict[str, Any]], columns: Sequence[str], *, header: boo
 
 class Aligned:
     """Plain-text columns, as wide as the header and the first rows need, which later rows
-    keep (`events --follow` adds rows that line up with the first ones). The last column is
-    never padded, so no line ends in spaces."""
+    keep (`events --follow` adds rows that line up with the first ones; a value wider than
+    its column pushes the rest of its own row only). The last column is never padded, so no
+    line ends in spaces."""
 
     def __init__(self, columns: Sequence[str], first: Sequence[dict[str, Any]] = ()) -> None:
         self.columns = list(columns)

@@ -9,6 +9,7 @@ unless EVENTSYNC_REQUIRE_POSTGRES=1, which turns that skip into a failure.
 from __future__ import annotations
 
 import os
+import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,8 +22,20 @@ from sqlalchemy.engine import make_url
 
 from eventsync import db, migrate
 from eventsync.client import make_http_client
-from eventsync.fakeapi import FakeTogether
-from tests.helpers import API_KEY, ATTEMPTS, make_settings, sync_pass
+from eventsync.testing import FakeTogether
+from tests.helpers import (
+    API_KEY,
+    ATTEMPTS,
+    EVENTSYNC,
+    FAST_RETRY_ENV,
+    INTERVAL,
+    DaemonProcess,
+    free_port,
+    make_settings,
+    serving,
+    sync_pass,
+    wait_until,
+)
 from tests.history import load
 
 DEFAULT_PG = "postgresql+psycopg://127.0.0.1:5432/test"
@@ -131,3 +144,55 @@ def http_client(fake: FakeTogether) -> Iterator[httpx.Client]:
     settings = make_settings(fake, "sqlite:///unused.db")
     with make_http_client(settings) as http:
         yield http
+
+
+@pytest.fixture
+def api_env(fake: FakeTogether) -> dict[str, str]:
+    return {"TOGETHER_API_KEY": API_KEY, "TOGETHER_BASE_URL": fake.base_url}
+
+
+@pytest.fixture
+def start_daemon(fake: FakeTogether, engine: Engine, tmp_path: Path) -> Iterator[object]:
+    procs: list[subprocess.Popen[str]] = []
+
+    def start(*args: str, env: dict[str, str] | None = None) -> DaemonProcess:
+        port = free_port()
+        log = tmp_path / f"daemon-{len(procs)}.log"
+        base = {
+            k: v for k, v in os.environ.items() if not k.startswith(("EVENTSYNC_", "TOGETHER_"))
+        }
+        with log.open("w") as stderr:
+            proc = subprocess.Popen(
+                [
+                    EVENTSYNC,
+                    "run",
+                    "--interval",
+                    str(INTERVAL),
+                    "--metrics-port",
+                    str(port),
+                    "--database-url",
+                    str(engine.url.render_as_string(hide_password=False)),
+                    *args,
+                ],
+                cwd=tmp_path,
+                env={
+                    **base,
+                    **FAST_RETRY_ENV,
+                    "TOGETHER_API_KEY": API_KEY,
+                    "TOGETHER_BASE_URL": fake.base_url,
+                    **(env or {}),
+                },
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+                text=True,
+            )
+        procs.append(proc)
+        daemon = DaemonProcess(proc, port, log)
+        wait_until(lambda: serving(daemon))
+        return daemon
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
+import os
+import queue
+import re
+import shutil
+import signal
 import socket
+import subprocess
+import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
+import httpx
 from sqlalchemy import Engine, text
 
 from eventsync.client import ApiKey, RetryPolicy, TogetherClient, make_http_client
 from eventsync.config import Settings
-from eventsync.fakeapi import FakeTogether
 from eventsync.fingerprint import read_body
 from eventsync.sync import PassResult, plan_jobs, run_pass
+from eventsync.testing import FakeTogether
 
 API_KEY = "test-key-5f1c2e"
 # In-process tests retry as eventsync does, but in stamina's testing mode (conftest.py): no
@@ -161,3 +170,90 @@ def event_counts(engine: Engine) -> dict[str, int]:
             text("SELECT job_id, count(*) FROM fine_tune_events GROUP BY job_id")
         ).all()
     return {job: n for job, n in rows}
+
+
+# -- eventsync as a subprocess ---------------------------------------------------------
+
+EVENTSYNC = shutil.which("eventsync", path=str(Path(sys.executable).parent)) or "eventsync"
+# The daemon's interval in the tests that run it.
+INTERVAL = 1.0
+
+
+def run(
+    *args: str, cwd: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("EVENTSYNC_", "TOGETHER_"))}
+    return subprocess.run(
+        [EVENTSYNC, *args],
+        cwd=cwd,
+        env={**base, **FAST_RETRY_ENV, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+class DaemonProcess:
+    """An `eventsync run` process, its port, and its captured stderr."""
+
+    def __init__(self, proc: subprocess.Popen[str], port: int, log: Path) -> None:
+        self.proc, self.port, self.log = proc, port, log
+
+    def get(self, path: str) -> httpx.Response:
+        return httpx.get(f"http://127.0.0.1:{self.port}{path}", timeout=5)
+
+    def stderr(self) -> str:
+        return self.log.read_text()
+
+    def stop(self, sig: int = signal.SIGTERM) -> tuple[int, float]:
+        """Send the signal; the exit code, and the seconds it took (to report, not to judge:
+        the only limit is the README's promise, with room to spare)."""
+        started = time.monotonic()
+        self.proc.send_signal(sig)
+        code = self.proc.wait(timeout=SHUTDOWN_CEILING)
+        return code, time.monotonic() - started
+
+
+def serving(daemon: DaemonProcess) -> bool:
+    """Whether the daemon answers /healthz yet; an AssertionError if it died."""
+    if daemon.proc.poll() is not None:
+        raise AssertionError(f"daemon exited early:\n{daemon.stderr()}")
+    try:
+        daemon.get("/healthz")
+    except httpx.TransportError:
+        return False
+    return True
+
+
+def cookbook() -> list[tuple[str, str]]:
+    """(title, SQL) of each cookbook entry, exactly as the README shows them."""
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("### Cookbook") : readme.index("### Datasette")]
+    found = re.findall(r"\n\d+\. (.*?):\n\n```sql\n(.*?)```", section, flags=re.S)
+    return [(title, sql.strip()) for title, sql in found]
+
+
+def fetches(fake: FakeTogether, job_id: str) -> int:
+    """Requests for the job's events that reached the server, answered or not."""
+    return sum(1 for _, path in fake.arrivals if path.endswith(f"/{job_id}/events"))
+
+
+class Lines:
+    """A child process's output, read line by line in a thread, so that a test waits for the
+    next line with a ceiling instead of hanging on a readline that never returns."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self._lines: queue.Queue[str] = queue.Queue()
+        thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        thread.start()
+
+    def _read(self, stream: IO[str]) -> None:
+        for line in stream:
+            self._lines.put(line.rstrip("\n"))
+
+    def next(self, timeout: float = EVENTUALLY) -> str:
+        try:
+            return self._lines.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"no line within {timeout}s") from None

@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from eventsync.fakeapi import FakeTogether
+from eventsync.testing import FakeTogether
 
 T0 = datetime(2026, 11, 2, 9, 0, tzinfo=UTC)
 

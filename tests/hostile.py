@@ -246,7 +246,7 @@ def measure(base_url: str, job_ids: list[str], env: dict[str, str]) -> tuple[flo
 
 @contextmanager
 def fake_with_job(events: int) -> Iterator[str]:
-    from eventsync.fakeapi import FakeTogether
+    from eventsync.testing import FakeTogether
 
     fake = FakeTogether(api_key="k3y-for-tests")
     fake.add_job("ft-big", events=events)

@@ -4,40 +4,16 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select, text
 
 from eventsync import db, migrate
-from eventsync.fakeapi import FakeTogether
 from eventsync.models import events_table
-from tests.helpers import API_KEY, FAST_RETRY_ENV
-
-EVENTSYNC = shutil.which("eventsync", path=str(Path(sys.executable).parent)) or "eventsync"
-
-
-def run(
-    *args: str, cwd: Path, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("EVENTSYNC_", "TOGETHER_"))}
-    return subprocess.run(
-        [EVENTSYNC, *args],
-        cwd=cwd,
-        env={**base, **FAST_RETRY_ENV, **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-
-
-@pytest.fixture
-def api_env(fake: FakeTogether) -> dict[str, str]:
-    return {"TOGETHER_API_KEY": API_KEY, "TOGETHER_BASE_URL": fake.base_url}
+from eventsync.testing import FakeTogether
+from tests.helpers import API_KEY, EVENTSYNC, run
 
 
 def count(db_url: str) -> int:

@@ -18,7 +18,7 @@ from eventsync.errors import (
     PayloadError,
     TransportError,
 )
-from eventsync.fakeapi import FakeTogether
+from eventsync.testing import FakeTogether
 from tests.helpers import client_for, fetch_events, make_settings
 
 

@@ -17,9 +17,9 @@ from sqlalchemy import Engine, text
 from eventsync import migrate, reads
 from eventsync.datasette import METADATA
 from eventsync.demo import Demo
-from eventsync.fakeapi import FakeTogether
 from eventsync.output import as_utc, parse_since
-from tests.helpers import REPO, sync_pass
+from eventsync.testing import FakeTogether
+from tests.helpers import cookbook, sync_pass
 from tests.history import load
 
 RECENT = object()  # a timestamp written by the sync itself: checked to be recent
@@ -67,14 +67,6 @@ EXPECTED: list[list[tuple[Any, ...]]] = [
         ("ft-run", "running", "CHECKPOINT_SAVE", "Saved checkpoint", 4, 1),
     ],
 ]
-
-
-def cookbook() -> list[tuple[str, str]]:
-    """(title, SQL) of each cookbook entry, exactly as the README shows them."""
-    readme = (REPO / "README.md").read_text()
-    section = readme[readme.index("### Cookbook") : readme.index("### Datasette")]
-    found = re.findall(r"\n\d+\. (.*?):\n\n```sql\n(.*?)```", section, flags=re.S)
-    return [(title, sql.strip()) for title, sql in found]
 
 
 def normal(value: Any) -> Any:

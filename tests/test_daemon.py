@@ -3,112 +3,26 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import Engine
 
-from eventsync.fakeapi import FakeTogether
+from eventsync.testing import FakeTogether
 from tests.helpers import (
     API_KEY,
-    FAST_RETRY_ENV,
-    SHUTDOWN_CEILING,
+    EVENTSYNC,
+    DaemonProcess,
     event_counts,
-    free_port,
     wait_until,
 )
-from tests.test_cli import EVENTSYNC
-
-INTERVAL = 1.0
 
 
-class Daemon:
-    """An `eventsync run` process, its port, and its captured stderr."""
-
-    def __init__(self, proc: subprocess.Popen[str], port: int, log: Path) -> None:
-        self.proc, self.port, self.log = proc, port, log
-
-    def get(self, path: str) -> httpx.Response:
-        return httpx.get(f"http://127.0.0.1:{self.port}{path}", timeout=5)
-
-    def stderr(self) -> str:
-        return self.log.read_text()
-
-    def stop(self, sig: int = signal.SIGTERM) -> tuple[int, float]:
-        """Send the signal; the exit code, and the seconds it took (to report, not to judge:
-        the only limit is the README's promise, with room to spare)."""
-        started = time.monotonic()
-        self.proc.send_signal(sig)
-        code = self.proc.wait(timeout=SHUTDOWN_CEILING)
-        return code, time.monotonic() - started
-
-
-@pytest.fixture
-def start_daemon(fake: FakeTogether, engine: Engine, tmp_path: Path) -> Iterator[object]:
-    procs: list[subprocess.Popen[str]] = []
-
-    def start(*args: str, env: dict[str, str] | None = None) -> Daemon:
-        port = free_port()
-        log = tmp_path / f"daemon-{len(procs)}.log"
-        base = {
-            k: v for k, v in os.environ.items() if not k.startswith(("EVENTSYNC_", "TOGETHER_"))
-        }
-        with log.open("w") as stderr:
-            proc = subprocess.Popen(
-                [
-                    EVENTSYNC,
-                    "run",
-                    "--interval",
-                    str(INTERVAL),
-                    "--metrics-port",
-                    str(port),
-                    "--database-url",
-                    str(engine.url.render_as_string(hide_password=False)),
-                    *args,
-                ],
-                cwd=tmp_path,
-                env={
-                    **base,
-                    **FAST_RETRY_ENV,
-                    "TOGETHER_API_KEY": API_KEY,
-                    "TOGETHER_BASE_URL": fake.base_url,
-                    **(env or {}),
-                },
-                stdout=subprocess.DEVNULL,
-                stderr=stderr,
-                text=True,
-            )
-        procs.append(proc)
-        daemon = Daemon(proc, port, log)
-        wait_until(lambda: _serving(daemon))
-        return daemon
-
-    yield start
-    for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-
-
-def _serving(daemon: Daemon) -> bool:
-    if daemon.proc.poll() is not None:
-        raise AssertionError(f"daemon exited early:\n{daemon.stderr()}")
-    try:
-        daemon.get("/healthz")
-    except httpx.TransportError:
-        return False
-    return True
-
-
-def metrics(daemon: Daemon) -> dict[str, float]:
+def metrics(daemon: DaemonProcess) -> dict[str, float]:
     """Every sample of /metrics, parsed with prometheus-client's own parser."""
     text = daemon.get("/metrics").text
     samples = {}

@@ -16,9 +16,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from eventsync import db, migrate
-from eventsync.fakeapi import FakeTogether
-from tests.helpers import REPO, sync_pass
-from tests.test_cli import EVENTSYNC
+from eventsync.testing import FakeTogether
+from tests.helpers import EVENTSYNC, REPO, cookbook, sync_pass
 
 README = (REPO / "README.md").read_text()
 
@@ -26,7 +25,6 @@ README = (REPO / "README.md").read_text()
 def test_every_readme_sql_block_is_a_tested_cookbook_entry() -> None:
     """No SQL in the README escapes the tests: each block is in the cookbook test_cookbook
     runs and checks."""
-    from tests.test_cookbook import cookbook
 
     blocks = [b.strip() for b in re.findall(r"```sql\n(.*?)```", README, flags=re.S)]
     assert blocks

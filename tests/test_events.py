@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from eventsync.events import Event, parse_created_at, parse_events
-from eventsync.fakeapi import make_event
 from eventsync.jsonio import canonical
+from eventsync.testing import make_event
 
 
 def repairs_of(row: Event) -> list[str] | None:

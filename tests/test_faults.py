@@ -18,16 +18,18 @@ from sqlalchemy import Engine, select
 
 from eventsync.client import TogetherClient, make_http_client, retry_after
 from eventsync.errors import ApiStatusError, UnreachableError
-from eventsync.fakeapi import FAULT_KINDS, FakeTogether, make_event
 from eventsync.models import events_table, state_table
+from eventsync.testing import FAULT_KINDS, FakeTogether, make_event
 from tests.helpers import (
     API_KEY,
     ATTEMPTS,
     client_for,
     event_counts,
     fetch_events,
+    fetches,
     free_port,
     make_settings,
+    run,
     sync_pass,
 )
 
@@ -46,11 +48,6 @@ SURFACES_AS = {
 # so that only a stalled answer (twice as long) times out.
 READ_TIMEOUT = 1.0
 STALL = 2 * READ_TIMEOUT
-
-
-def fetches(fake: FakeTogether, job_id: str) -> int:
-    """Requests for the job's events that reached the server, answered or not."""
-    return sum(1 for _, path in fake.arrivals if path.endswith(f"/{job_id}/events"))
 
 
 @pytest.mark.parametrize("kind", FAULT_KINDS)
@@ -283,7 +280,6 @@ def test_a_name_that_does_not_resolve_is_not_retried(
 def test_sync_with_nothing_at_the_base_url_fails_at_once(tmp_path: Path) -> None:
     """`eventsync sync --base-url` pointing at a closed port: one error line for the job, no
     retry loop (it took five tries and 18 s per request)."""
-    from tests.test_cli import run
 
     url = f"http://127.0.0.1:{free_port()}"
     env = {"TOGETHER_API_KEY": API_KEY}

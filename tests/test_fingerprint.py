@@ -5,8 +5,8 @@ from __future__ import annotations
 import httpx
 
 from eventsync.client import TogetherClient
-from eventsync.fakeapi import FakeTogether
 from eventsync.fingerprint import Body, Fingerprint, read_body
+from eventsync.testing import FakeTogether
 from tests.helpers import client_for
 
 

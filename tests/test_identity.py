@@ -11,9 +11,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import Engine, select
 
-from eventsync.fakeapi import FakeTogether, make_event
 from eventsync.jsonio import canonical
 from eventsync.models import events_table
+from eventsync.testing import FakeTogether, make_event
 from eventsync.writer import COPY_THRESHOLD
 from tests.helpers import sync_pass
 

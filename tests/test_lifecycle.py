@@ -11,8 +11,8 @@ from sqlalchemy import Engine, text
 
 from eventsync.client import make_http_client
 from eventsync.daemon import Daemon
-from eventsync.fakeapi import FakeTogether, make_event
 from eventsync.status import Metrics
+from eventsync.testing import FakeTogether, make_event
 from tests.helpers import ATTEMPTS, event_counts, make_settings, wait_until
 
 

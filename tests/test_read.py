@@ -16,11 +16,10 @@ from alembic import command as alembic
 from sqlalchemy import Engine, text
 from sqlalchemy.engine import make_url
 
-from eventsync import db, migrate
-from eventsync.fakeapi import FakeTogether, make_event
-from tests.helpers import EVENTUALLY, sync_pass
+from eventsync import db, migrate, reads
+from eventsync.testing import FakeTogether, make_event
+from tests.helpers import API_KEY, EVENTSYNC, EVENTUALLY, Lines, run, sync_pass
 from tests.history import load
-from tests.test_cli import EVENTSYNC, run
 
 
 def test_status_json(url: str, tmp_path: Path) -> None:
@@ -109,11 +108,16 @@ def test_events_errors(url: str, tmp_path: Path) -> None:
     assert "--since 'last tuesday'" in bad.stderr
 
 
-def test_events_follow(fake: FakeTogether, engine: Engine, url: str, tmp_path: Path) -> None:
-    """--follow prints new events as they are stored, and Ctrl-C ends it cleanly."""
+@pytest.mark.parametrize("fmt", ["jsonl", "table"])
+def test_events_follow(
+    fake: FakeTogether, engine: Engine, url: str, tmp_path: Path, fmt: str
+) -> None:
+    """--follow prints new events as they are stored, in rows that line up with the table's
+    first ones, and Ctrl-C ends it cleanly. Its output is read with a ceiling: a follow that
+    printed nothing would fail here, not hang."""
     base = {k: v for k, v in os.environ.items() if not k.startswith(("EVENTSYNC_", "TOGETHER_"))}
     proc = subprocess.Popen(
-        [EVENTSYNC, "events", "ft-run", "--follow", "--format", "jsonl", "--database-url", url],
+        [EVENTSYNC, "events", "ft-run", "--follow", "--format", fmt, "--database-url", url],
         cwd=tmp_path,
         env=base,
         stdout=subprocess.PIPE,
@@ -121,18 +125,32 @@ def test_events_follow(fake: FakeTogether, engine: Engine, url: str, tmp_path: P
         text=True,
     )
     assert proc.stdout is not None
-    first = [json.loads(proc.stdout.readline()) for _ in range(4)]
-    assert [r["seq"] for r in first] == [1, 2, 3, 4]
-    fake.api_key = "test-key-5f1c2e"
-    fake.add_events(
-        "ft-run",
-        [make_event("ft-run", 50, type="CHECKPOINT_SAVE", message="Saved step 50", step=50)],
-    )
-    sync_pass(fake, engine, ["ft-run"])
-    line = proc.stdout.readline()
-    assert json.loads(line)["message"] == "Saved step 50"
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=EVENTUALLY) == 0
+    lines = Lines(proc.stdout)
+    try:
+        first = [lines.next() for _ in range(5 if fmt == "table" else 4)]
+        fake.api_key = API_KEY  # the sync below may call the API; the follow must not
+        fake.add_events(
+            "ft-run",
+            # Narrower than what came before, so that only columns kept from the
+            # first rows can line up.
+            [make_event("ft-run", 50, type="EVAL", message="Saved step 50", step=7)],
+        )
+        sync_pass(fake, engine, ["ft-run"])
+        new = lines.next()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=EVENTUALLY)
+    if fmt == "jsonl":
+        assert [json.loads(line)["seq"] for line in first] == [1, 2, 3, 4]
+        assert json.loads(new)["message"] == "Saved step 50"
+    else:
+        header = first[0]
+        assert header.split() == ["seq", *reads.TIMELINE_COLUMNS[1:]]
+        assert new.split()[0] == "5"
+        for column in ("type", "level", "step", "message"):
+            assert new[header.index(column) - 1] == " ", column  # starts where its header does
+        assert new[header.index("message") :].startswith("Saved step 50")
+    assert code == 0
     proc.stdout.close()
     assert proc.stderr is not None
     assert "Traceback" not in proc.stderr.read()

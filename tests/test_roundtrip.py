@@ -11,9 +11,9 @@ from hypothesis import strategies as st
 from sqlalchemy import Engine, select
 
 from eventsync.events import parse_created_at
-from eventsync.fakeapi import FakeTogether
 from eventsync.jsonio import canonical
 from eventsync.models import events_table
+from eventsync.testing import FakeTogether
 from tests.helpers import sync_pass
 
 TEXT_FIELDS = (

@@ -11,9 +11,8 @@ from pathlib import Path
 import httpx
 from sqlalchemy import Engine, inspect, text
 
-from eventsync.fakeapi import FakeTogether
-from tests.helpers import FAST_RETRY_ENV, SHUTDOWN_CEILING, free_port, wait_until
-from tests.test_cli import EVENTSYNC
+from eventsync.testing import FakeTogether
+from tests.helpers import EVENTSYNC, FAST_RETRY_ENV, SHUTDOWN_CEILING, free_port, wait_until
 
 LEAK = "sk-LEAKCHECK-3b9f1e27c4d0a8e6"
 

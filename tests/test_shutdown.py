@@ -23,17 +23,16 @@ from sqlalchemy.engine import make_url
 from eventsync import migrate
 from eventsync.client import make_http_client
 from eventsync.daemon import Daemon
-from eventsync.fakeapi import FakeTogether
 from eventsync.status import Metrics
+from eventsync.testing import FakeTogether
 from tests.helpers import (
     API_KEY,
+    EVENTSYNC,
     SHUTDOWN_CEILING,
     event_counts,
     make_settings,
     wait_until,
 )
-from tests.test_cli import EVENTSYNC
-from tests.test_daemon import start_daemon  # noqa: F401  (fixture)
 
 
 def _tgkill() -> Any:
@@ -47,7 +46,7 @@ def _tgkill() -> Any:
 def test_a_sigterm_caught_by_another_thread_still_stops_the_daemon(
     fake: FakeTogether,
     engine: Engine,
-    start_daemon,  # noqa: F811
+    start_daemon,
 ) -> None:
     """The kernel may give a process's SIGTERM to any of its threads, and in CI a daemon given
     one went on polling. Aimed at a thread other than the main one, it stops the daemon."""
@@ -113,7 +112,7 @@ def test_a_stop_as_a_pass_starts_waits_for_that_pass(fake: FakeTogether, engine:
 def test_a_pass_that_outlasts_the_grace_is_cut_off(
     fake: FakeTogether,
     engine: Engine,
-    start_daemon,  # noqa: F811
+    start_daemon,
 ) -> None:
     """A pass stuck on an API that never answers: when the grace runs out the daemon exits 0
     anyway and says so, and the job it cut off wrote nothing."""

@@ -17,8 +17,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from eventsync import db, reads
 from eventsync.errors import QueryError, QueryRefused
-from tests.helpers import wait_until
-from tests.test_cli import EVENTSYNC, run
+from tests.helpers import EVENTSYNC, run, wait_until
 
 EVENTS = "SELECT count(*) FROM fine_tune_events"
 STORED = 14  # events in tests/history.py

@@ -16,12 +16,9 @@ import httpx
 import pytest
 from sqlalchemy import Engine
 
-from eventsync.fakeapi import FakeTogether
 from eventsync.status import STATUS_IDLE_TIMEOUT
-from tests import test_daemon
-from tests.helpers import wait_until
-
-start_daemon = test_daemon.start_daemon  # the fixture: `eventsync run` as a subprocess
+from eventsync.testing import FakeTogether
+from tests.helpers import DaemonProcess, wait_until
 
 
 @pytest.fixture
@@ -31,7 +28,7 @@ def db_url(tmp_path: Path) -> str:
 
 
 @pytest.fixture
-def daemon(fake: FakeTogether, engine: Engine, start_daemon) -> test_daemon.Daemon:
+def daemon(fake: FakeTogether, engine: Engine, start_daemon) -> DaemonProcess:
     """A daemon logging JSON, healthy after its first pass."""
     fake.add_job("ft-a", events=3)
     daemon = start_daemon("--job-id", "ft-a", "--log-format", "json")
@@ -39,16 +36,16 @@ def daemon(fake: FakeTogether, engine: Engine, start_daemon) -> test_daemon.Daem
     return daemon
 
 
-def stderr_records(daemon: test_daemon.Daemon) -> list[dict[str, object]]:
+def stderr_records(daemon: DaemonProcess) -> list[dict[str, object]]:
     """Every line the daemon wrote to stderr, each parsed as JSON (a line that isn't fails)."""
     return [json.loads(line) for line in daemon.stderr().splitlines()]
 
 
-def url(daemon: test_daemon.Daemon, path: str) -> str:
+def url(daemon: DaemonProcess, path: str) -> str:
     return f"http://127.0.0.1:{daemon.port}{path}"
 
 
-def test_the_endpoints_answer_as_before(daemon: test_daemon.Daemon) -> None:
+def test_the_endpoints_answer_as_before(daemon: DaemonProcess) -> None:
     """/healthz is JSON, /metrics is Prometheus text, anything else a JSON 404."""
     health = daemon.get("/healthz")
     assert health.headers["content-type"] == "application/json"
@@ -63,7 +60,7 @@ def test_the_endpoints_answer_as_before(daemon: test_daemon.Daemon) -> None:
     stderr_records(daemon)
 
 
-def test_500_concurrent_requests_are_all_answered(daemon: test_daemon.Daemon) -> None:
+def test_500_concurrent_requests_are_all_answered(daemon: DaemonProcess) -> None:
     """500 requests on 500 connections at once: every one gets its answer."""
 
     async def fetch_all() -> list[httpx.Response | BaseException]:
@@ -82,7 +79,7 @@ def test_500_concurrent_requests_are_all_answered(daemon: test_daemon.Daemon) ->
 
 
 def test_idle_and_half_sent_connections_are_closed_and_block_nobody(
-    daemon: test_daemon.Daemon,
+    daemon: DaemonProcess,
 ) -> None:
     """200 connections that send nothing or half a request line: a normal request is still
     answered, and the server closes each of them after its idle timeout."""
@@ -106,7 +103,7 @@ def test_idle_and_half_sent_connections_are_closed_and_block_nobody(
     stderr_records(daemon)
 
 
-def test_client_resets_leave_no_traceback(daemon: test_daemon.Daemon) -> None:
+def test_client_resets_leave_no_traceback(daemon: DaemonProcess) -> None:
     """Clients that send a request and reset the connection (SO_LINGER 0): no traceback, no
     line on stderr that isn't JSON, and the server goes on answering."""
     for i in range(100):
@@ -124,7 +121,7 @@ def test_client_resets_leave_no_traceback(daemon: test_daemon.Daemon) -> None:
     assert all("exc_info" not in r for r in stderr_records(daemon))
 
 
-def test_sigterm_with_connections_open_exits_cleanly(daemon: test_daemon.Daemon) -> None:
+def test_sigterm_with_connections_open_exits_cleanly(daemon: DaemonProcess) -> None:
     """Open clients don't keep a stopping daemon alive: with 50 connections that keep
     sending half a request (so no idle timeout ever closes them), SIGTERM still exits 0."""
     clients = [socket.create_connection(("127.0.0.1", daemon.port), timeout=30) for _ in range(50)]

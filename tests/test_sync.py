@@ -12,8 +12,8 @@ from pathlib import Path
 from sqlalchemy import Engine, func, select, text
 
 from eventsync import db, migrate
-from eventsync.fakeapi import FakeTogether, make_event
 from eventsync.models import events_table, state_table
+from eventsync.testing import FakeTogether, make_event
 from tests.helpers import fail_inserts_of, install_write_counter, sync_pass, writes
 
 

@@ -16,9 +16,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text
 
-from eventsync.fakeapi import FakeTogether, Override, make_event
-from tests.helpers import API_KEY
-from tests.test_cli import EVENTSYNC, run
+from eventsync.testing import FakeTogether, Override, make_event
+from tests.helpers import API_KEY, EVENTSYNC, run
 
 MARKUP = "bad [/x] markup"
 LINK = "[link=https://evil.example]click[/link]"

@@ -23,9 +23,9 @@ from sqlalchemy import Engine, select
 from eventsync.client import RetryPolicy, TogetherClient, make_http_client
 from eventsync.config import Settings
 from eventsync.errors import ApiStatusError, PayloadError, RefusedBodyError, TransportError
-from eventsync.fakeapi import FakeTogether, make_event
 from eventsync.models import state_table
 from eventsync.sync import PassResult, plan_jobs, run_pass
+from eventsync.testing import FakeTogether, make_event
 from eventsync.transport import (
     BodyTooLarge,
     DeadlineBackend,
@@ -38,6 +38,7 @@ from tests.helpers import (
     client_for,
     event_counts,
     fetch_events,
+    fetches,
     make_settings,
     sync_pass,
     wait_until,
@@ -55,7 +56,6 @@ from tests.hostile import (
     reply,
     route,
 )
-from tests.test_faults import fetches
 
 
 @pytest.fixture

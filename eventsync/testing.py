@@ -1,14 +1,28 @@
-"""A fake Together fine-tuning API on loopback, for tests, benchmarks and offline demos.
+"""A fake Together fine-tuning API on loopback: eventsync's own test double, public on purpose.
 
-It serves `GET /v1/fine-tunes`, `/v1/fine-tunes/{id}` and `/v1/fine-tunes/{id}/events` over
-real HTTP (stdlib, keep-alive), with either event generation:
+Use it to test code that runs eventsync, the way httpx ships MockTransport and stamina a
+testing mode: a real HTTP server (stdlib, keep-alive) in a thread of your process, whose
+state you change directly.
 
-- "2026-04": every event has `hash` and `training_offset` (the older public spec);
-- "2026-08": neither, plus `tokenized_dataset_path` and the early-stopping fields.
+    from eventsync.testing import FakeTogether, make_event
 
-Run it standalone to try eventsync without a Together account (see eventsync.demo):
+    fake = FakeTogether(api_key="test-key")
+    base_url = fake.start()                   # http://127.0.0.1:PORT, serving /v1/...
+    fake.add_job("ft-1", events=20)           # 20 plausible events, 2026-04 generation
+    fake.add_events("ft-1", [make_event("ft-1", 20, type="checkpoint_save")])
+    fake.set_status("ft-1", "completed")
+    fake.inject("status", match="/events", status=503, times=2)   # fail the next 2 fetches
+    fake.stop()
 
-    python -m eventsync.fakeapi --port 8765 --key demo-key
+It serves `GET /v1/fine-tunes`, `/v1/fine-tunes/{id}` and `/v1/fine-tunes/{id}/events`, with
+either event generation ("2026-04": `hash` and `training_offset`; "2026-08": neither, plus
+`tokenized_dataset_path` and the early-stopping fields), checks the bearer key, and can fail
+on purpose (`FAULT_KINDS`: resets, stalls, error statuses, HTML, cut or short bodies, the
+wrong shape). `requests`, `arrivals` and `max_in_flight` record what it was asked.
+
+Standalone, it serves the offline demo (eventsync.demo):
+
+    python -m eventsync.testing [--port 8765] [--key demo-key]
 """
 
 from __future__ import annotations
@@ -391,7 +405,7 @@ def _error(status: int, message: str, code: str) -> tuple[int, bytes, dict[str, 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m eventsync.fakeapi",
+        prog="python -m eventsync.testing",
         description="Serve a fake Together fine-tuning API on loopback: the demo's jobs "
         "(completed, failed, cancelled, queued, and three still training, which gain events "
         "as time passes), plus any synthetic jobs asked for.",
