@@ -21,11 +21,16 @@ from sqlalchemy.exc import SQLAlchemyError
 from eventsync.client import TogetherClient
 from eventsync.config import Settings
 from eventsync.errors import ConfigError, EventsyncError, first_line
+from eventsync.state import any_tracked
 from eventsync.status import Health, Metrics
 from eventsync.sync import PassResult, plan_jobs, run_pass
 
 log = logging.getLogger(__name__)
 
+NOTHING_TO_FOLLOW = (
+    "no jobs to follow: set EVENTSYNC_JOB_IDS (or --job-id), EVENTSYNC_ALL_JOBS=true (or "
+    "--all-jobs), or add some with `eventsync jobs add ID`; checked again every pass"
+)
 # Failures that say nothing about the daemon's own health: the job is the problem.
 _JOB_PROBLEMS = frozenset({"not_found"})
 
@@ -164,8 +169,23 @@ class Daemon:
         self._passing.release()  # a scheduled run waiting for it then sees `stop` and returns
         return True
 
-    def _pass(self) -> PassResult:
+    def _nothing_to_follow(self) -> bool:
+        """No job given, none added with `jobs add`, and not --all-jobs: a daemon that would
+        run forever doing nothing, which it says loudly instead."""
         s = self.settings
+        if s.job_ids or s.all_jobs:
+            return False
+        with self.engine.connect() as connection:
+            return not any_tracked(connection)
+
+    def _pass(self) -> PassResult | None:
+        s = self.settings
+        if self._nothing_to_follow():
+            if self.health.reason != NOTHING_TO_FOLLOW:  # said once, until it changes
+                log.warning(NOTHING_TO_FOLLOW)
+            self.health.record(False, NOTHING_TO_FOLLOW)
+            self.metrics.passes.labels("failed").inc()
+            return None
         jobs = plan_jobs(
             self.client, self.engine, s.job_ids, all_jobs=s.all_jobs, skip_finished=True
         )

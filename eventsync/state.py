@@ -124,6 +124,12 @@ def set_tracked(connection: Connection, job_ids: Sequence[str], *, tracked: bool
     return changed
 
 
+def any_tracked(connection: Connection) -> bool:
+    """Whether any job was added with `eventsync jobs add`."""
+    query = select(state_table.c.job_id).where(state_table.c.tracked.is_(True)).limit(1)
+    return connection.execute(query).first() is not None
+
+
 def job_states(connection: Connection) -> list[Any]:
     """Every job eventsync knows about, with its sync state, by job id."""
     return list(connection.execute(select(state_table).order_by(state_table.c.job_id)))

@@ -18,6 +18,7 @@ from tests.helpers import (
     EVENTSYNC,
     DaemonProcess,
     event_counts,
+    run,
     wait_until,
 )
 
@@ -79,6 +80,25 @@ def test_health_and_metrics(fake: FakeTogether, engine: Engine, start_daemon) ->
     assert daemon.proc.poll() is None  # the daemon stays up and tries again next pass
     assert daemon.stop()[0] == 0
     assert API_KEY not in daemon.stderr()
+
+
+def test_a_daemon_with_nothing_to_follow_says_so(
+    fake: FakeTogether, engine: Engine, start_daemon, tmp_path: Path
+) -> None:
+    """No job ids, no --all-jobs, nothing added: a warning at start and a 503 saying what to
+    set, instead of running forever without a word; `jobs add` then makes it healthy."""
+    fake.add_job("ft-a", events=3)
+    daemon = start_daemon()
+    wait_until(lambda: "no jobs to follow" in daemon.stderr())
+    body = daemon.get("/healthz").json()
+    assert (daemon.get("/healthz").status_code, body["status"]) == (503, "unhealthy")
+    assert body["reason"].startswith("no jobs to follow: set EVENTSYNC_JOB_IDS")
+    url = engine.url.render_as_string(hide_password=False)
+    assert run("jobs", "add", "ft-a", "--database-url", url, cwd=tmp_path).returncode == 0
+    wait_until(lambda: daemon.get("/healthz").status_code == 200)
+    assert event_counts(engine) == {"ft-a": 3}
+    assert daemon.stderr().count("no jobs to follow") == 1  # said once, not every pass
+    assert daemon.stop()[0] == 0
 
 
 def test_quiet_passes_log_one_line(fake: FakeTogether, engine: Engine, start_daemon) -> None:
