@@ -200,16 +200,20 @@ def bomb(mib: int) -> Handler:
 
 # -- measuring peak memory: python -m tests.hostile ------------------------------------------
 
-# One `eventsync sync` in this process, then its peak RSS on stderr's last line.
+# One `eventsync sync` in this process, then its peak RSS on stderr's last line: VmHWM, this
+# process's own. ru_maxrss would not do: Linux carries the parent's peak over a vfork and exec,
+# so a child of a large pytest would report pytest's memory.
 CHILD = """
-import resource, sys
+import sys
 from eventsync.cli import main
 sys.argv = ["eventsync", *sys.argv[1:]]
 try:
     main()
 except SystemExit:
     pass
-print("maxrss_kib", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)
+with open("/proc/self/status") as status:
+    peak = next(line.split()[1] for line in status if line.startswith("VmHWM:"))
+print("maxrss_kib", peak, file=sys.stderr)
 """
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import threading
 import time
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from tests.helpers import (
     EVENTSYNC,
     DaemonProcess,
     event_counts,
+    events_never_answered,
     run,
     wait_until,
 )
@@ -146,24 +146,13 @@ def test_a_second_signal_exits_at_once(fake: FakeTogether, engine: Engine, start
     SIGTERM ends the process (130) without waiting for either."""
     fake.add_job("ft-slow", events=5)
     daemon = start_daemon("--job-id", "ft-slow", env={"EVENTSYNC_SHUTDOWN_GRACE": "600"})
-    stuck, answer = threading.Event(), threading.Event()
-
-    def never_answer(path: str) -> None:
-        if path.endswith("/events"):
-            stuck.set()
-            answer.wait()  # then served as usual, once the test is over
-
-    fake.override = never_answer
-    try:
+    with events_never_answered(fake) as stuck:
         wait_until(stuck.is_set)
         daemon.proc.send_signal(signal.SIGTERM)
         wait_until(lambda: "SIGTERM received: stopping" in daemon.stderr())
         code, _ = daemon.stop()
         assert code == 130
         assert "second SIGTERM: exiting at once" in daemon.stderr()
-    finally:
-        answer.set()
-        wait_until(lambda: fake.in_flight == 0)  # before the fake is reset for the next test
 
 
 def test_jobs_added_while_running_are_picked_up(
@@ -172,7 +161,7 @@ def test_jobs_added_while_running_are_picked_up(
     """`eventsync jobs add` on the same database reaches a running daemon at its next pass."""
     fake.add_job("ft-later", events=6)
     daemon = start_daemon()
-    wait_until(lambda: "pass: 0 jobs" in daemon.stderr())
+    wait_until(lambda: "no jobs to follow" in daemon.stderr())
     url = engine.url.render_as_string(hide_password=False)
     added = subprocess.run(
         [EVENTSYNC, "jobs", "add", "ft-later", "--database-url", url],
