@@ -1,12 +1,13 @@
 """JSON in and out: decoding API bodies, the canonical form behind hashes, and JSON column text.
 
-Bodies are decoded by pydantic's parser (jiter) when they hold nothing it can't represent, and
-otherwise by the stdlib with hooks (the *careful* path). The careful path never fails on what
+Bodies are decoded by orjson when they hold nothing it can't represent, and otherwise by the
+stdlib with hooks (the *careful* path). The careful path never fails on what
 JSON allows but Python or the databases can't hold, and never loses its spelling:
 
-- a number out of range (``1e400``, ``-1e400``, ``1e-400``), ``NaN``/``Infinity``, or an
+- a number out of a double's range (``1e400``, ``-1e400``), ``NaN``/``Infinity``, or an
   integer too long for Python to parse becomes a `NumberText`: a string holding the spelling,
-  so `raw` stays valid JSON on SQLite and Postgres;
+  so `raw` stays valid JSON on SQLite and Postgres (a number too small for a double, such as
+  ``1e-400``, reads as 0 on both paths, as every JSON parser reads it);
 - bytes that aren't UTF-8 inside strings become lone surrogates (``surrogateescape``), which
   the event parser replaces with U+FFFD and records as a repair.
 """
@@ -15,11 +16,9 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from typing import Any, NamedTuple
 
 import orjson
-import pydantic_core
 
 
 class NumberText(str):
@@ -33,32 +32,46 @@ class Decoded(NamedTuple):
     careful: bool  # decoded by the stdlib path: may hold NumberText or lone surrogates
 
 
-# A number jiter would silently turn into inf or 0.0: an exponent of three digits or more
-# after a number's first digit, or a run of 200 digits (a huge mantissa). It may also match
-# inside a string; that only costs the slower path.
-_RISKY_NUMBER = re.compile(rb"[:\[,]\s*-?\d+(?:\.\d+)?[eE][+-]?\d{3}|\d{200}")
 _BOM = b"\xef\xbb\xbf"
 
 
 def decode(content: bytes) -> Decoded:
     """The JSON value of `content`; ValueError if it is not JSON at all."""
-    if not _RISKY_NUMBER.search(content):
-        try:
-            return Decoded(pydantic_core.from_json(content, allow_inf_nan=False), careful=False)
-        except ValueError:
-            pass  # NaN, lone surrogates, bad UTF-8, a BOM, huge integers: the careful path
+    try:
+        # orjson refuses what it can't hold (NaN, 1e400, bad UTF-8, lone surrogates, a BOM),
+        # except integers past 64 bits, which it reads as floats: those take the careful path.
+        value = orjson.loads(content)
+        if not _may_hold_a_long_integer(content):
+            return Decoded(value, careful=False)
+    except orjson.JSONDecodeError:
+        pass
     text = content.removeprefix(_BOM).decode("utf-8", "surrogateescape")
-    value = json.loads(text, parse_float=_float, parse_int=_int, parse_constant=NumberText)
+    try:
+        value = json.loads(text, parse_float=_float, parse_int=_int, parse_constant=NumberText)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply to read") from None
     return Decoded(value, careful=True)
+
+
+# Digits -> "0", the bytes a value follows -> ":", "-" kept, whitespace dropped, the rest "x":
+# a number of 19 digits or more then shows as ":" and a run of "0"s. A string that looks the
+# same (": 1234567890123456789" in a message) only costs the careful path.
+_SHAPES = bytearray(b"x" * 256)
+_SHAPES[ord("0") : ord("9") + 1] = b"0" * 10
+_SHAPES[ord(":")] = _SHAPES[ord(",")] = _SHAPES[ord("[")] = ord(":")
+_SHAPES[ord("-")] = ord("-")
+_WHITESPACE = b" \t\n\r"
+_LONG = b"0" * 19
+
+
+def _may_hold_a_long_integer(content: bytes) -> bool:
+    shapes = content.translate(_SHAPES, _WHITESPACE)
+    return b":" + _LONG in shapes or b":-" + _LONG in shapes
 
 
 def _float(spelling: str) -> float | NumberText:
     value = float(spelling)
-    if not math.isfinite(value):
-        return NumberText(spelling)
-    if value == 0.0 and spelling.lower().split("e")[0].strip("-+0.") != "":
-        return NumberText(spelling)  # underflow: 1e-400 is not 0
-    return value
+    return value if math.isfinite(value) else NumberText(spelling)
 
 
 def _int(spelling: str) -> int | NumberText:

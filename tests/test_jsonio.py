@@ -33,7 +33,16 @@ def test_the_fast_decoder_gives_the_stdlib_values(value: object) -> None:
 
 @pytest.mark.parametrize(
     "spelling",
-    ["1e400", "-1e400", "1E+999", "1e-400", "NaN", "Infinity", "-Infinity", "9" * 5000],
+    [
+        "1e400",
+        "-1e400",
+        "1E+999",
+        "1" + "0" * 400 + ".5",
+        "NaN",
+        "Infinity",
+        "-Infinity",
+        "9" * 5000,
+    ],
 )
 def test_numbers_nothing_can_hold_are_kept_as_their_spelling(spelling: str) -> None:
     """Out of range, not finite, or too long to parse: a NumberText with the exact spelling."""
@@ -43,6 +52,12 @@ def test_numbers_nothing_can_hold_are_kept_as_their_spelling(spelling: str) -> N
     assert isinstance(value["x"], NumberText)
     assert value["x"] == spelling
     assert value["y"] == 1.5
+
+
+def test_a_number_too_small_for_a_double_reads_as_zero() -> None:
+    """1e-400 is 0 to every JSON parser, on either path: one rule, not one per path."""
+    assert decode(b'{"x": 1e-400}') == (({"x": 0.0}), False)
+    assert decode(b'{"x": 1e-400, "y": NaN}').value["x"] == 0.0
 
 
 def test_bytes_that_are_not_utf8_become_surrogates_not_an_error() -> None:
@@ -63,3 +78,21 @@ def test_what_is_not_json_is_a_value_error() -> None:
     for body in (b"<html>502</html>", b'{"data": [{"a": 1', b""):
         with pytest.raises(json.JSONDecodeError):
             decode(body)
+
+
+def test_json_nested_past_the_parsers_depth_is_a_value_error() -> None:
+    """A hostile body of 100,000 open brackets fails its job like any body that isn't JSON."""
+    for body in (b"[" * 100_000, b'{"a":' * 50_000):
+        with pytest.raises(ValueError, match="nested too deeply"):
+            decode(body)
+
+
+def test_only_integers_past_64_bits_leave_the_fast_path() -> None:
+    """A long digit run in a string, or an integer of 18 digits, stays on the fast decoder; an
+    integer of 19 digits or more, in an object or a list, takes the careful one and keeps its
+    value."""
+    assert not decode(b'{"hash": "1234567890123456789012", "n": 123456789012345678}').careful
+    for body in (b'{"n": -98765432109876543210}', b"[1, 98765432109876543210]"):
+        decoded = decode(body)
+        assert decoded.careful
+        assert decoded.value == json.loads(body)
