@@ -6,7 +6,6 @@ importing it): REVISIONS lists the migrations, and a test holds it equal to migr
 
 from __future__ import annotations
 
-import logging
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,13 +15,9 @@ from urllib.parse import quote
 
 from sqlalchemy import Connection, Engine, create_engine, event, inspect
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.pool import NullPool
 
-from eventsync.errors import ConfigError, first_line
+from eventsync.errors import ConfigError
 from eventsync.jsonio import column_text
-
-log = logging.getLogger(__name__)
 
 # Every schema revision in migrations/versions, oldest first; the database must be at HEAD.
 REVISIONS = ("0001", "0002", "0003", "0004")
@@ -52,65 +47,23 @@ def make_engine(url: str, *, pool_size: int = 8) -> Engine:
     )
 
 
-class _SqliteWriter:
-    """The one writer of a SQLite file within this process, the rows written since the last
-    checkpoint, and an engine of its own for checkpoints: its connections, opened for each
-    one, never write, so they never cache the large write statements."""
-
-    def __init__(self, engine: Engine) -> None:
-        self.lock = threading.Lock()
-        self.unchecked = 0
-        self.checkpoints = create_engine(
-            engine.url, poolclass=NullPool, connect_args={"timeout": SQLITE_BUSY_SECONDS}
-        )
-
-
-_SQLITE_WRITERS: dict[str, _SqliteWriter] = {}
-# Rows written before a checkpoint is run outside the write lock: about 1 MB of WAL.
-_CHECKPOINT_ROWS = 1000
+# One lock per SQLite file: the threads of this process queue on it, not in SQLite's busy
+# handler, which sleeps in steps of up to 100 ms. Other processes still wait on the busy timeout.
+_SQLITE_WRITE_LOCKS: dict[str, threading.Lock] = {}
 
 
 @contextmanager
 def write_transaction(engine: Engine) -> Iterator[Connection]:
-    """One write transaction. SQLite allows one writer per file: the threads of this process
-    queue on a lock rather than in SQLite's busy handler, which sleeps in steps of up to
-    100 ms. Other processes still wait on the busy timeout.
-
-    SQLite's own checkpoint runs inside the commit that fills the WAL, while the lock is
-    held; instead, the commit that brings the rows written since the last checkpoint past
-    _CHECKPOINT_ROWS is followed by one after the lock is released, beside the next writer.
-    The automatic one stays for what writes little."""
+    """One write transaction; on SQLite, which allows one writer per file, only one thread of
+    this process at a time."""
     if engine.dialect.name != "sqlite":
         with engine.begin() as connection:
             yield connection
         return
-    writer = _SQLITE_WRITERS.get(str(engine.url))
-    if writer is None:
-        writer = _SQLITE_WRITERS.setdefault(str(engine.url), _SqliteWriter(engine))
+    lock = _SQLITE_WRITE_LOCKS.setdefault(str(engine.url), threading.Lock())
     # The lock before the connection: a thread waiting for it holds no connection.
-    with writer.lock:
-        with engine.begin() as connection:
-            driver = connection.connection.driver_connection
-            assert driver is not None
-            before = driver.total_changes
-            yield connection
-            written = driver.total_changes - before
-        writer.unchecked += written  # committed
-        due = writer.unchecked >= _CHECKPOINT_ROWS
-        if due:
-            writer.unchecked = 0
-    if due:
-        _checkpoint(writer.checkpoints)
-
-
-def _checkpoint(engine: Engine) -> None:
-    """Copy the WAL into the database without waiting for readers or writers. A failure
-    loses nothing: the rows are committed, and a later checkpoint copies them."""
-    try:
-        with engine.connect() as connection:
-            connection.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)")
-    except SQLAlchemyError as exc:
-        log.warning("could not checkpoint the SQLite WAL: %s", first_line(exc))
+    with lock, engine.begin() as connection:
+        yield connection
 
 
 def open_reader(url: str, *, any_revision: bool = False) -> Engine:

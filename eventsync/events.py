@@ -221,7 +221,9 @@ _PLAIN_HASH = re.compile(r"[^\x00\ud800-\udfff]*")
 
 def _hash_key(hash_: str) -> str:
     """The key of the first event with this hash: the hash itself when it can be indexed."""
-    if len(hash_) <= KEY_HASH_LIMIT and _PLAIN_HASH.fullmatch(hash_):
+    if len(hash_) <= KEY_HASH_LIMIT and (
+        (hash_.isascii() and "\x00" not in hash_) or _PLAIN_HASH.fullmatch(hash_)
+    ):
         return f"h:{hash_}"
     return f"hs:{_sha256(hash_)}"
 

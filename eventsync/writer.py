@@ -7,7 +7,7 @@ SQLite, COPY on Postgres), and the dialect differences of writing live here and 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
@@ -21,14 +21,25 @@ from sqlalchemy.dialects import postgresql, sqlite
 from eventsync.events import API_FIELDS, Event
 from eventsync.models import events_table
 
-# Every column a write sends, in the order of the driver's row tuples.
-COLUMNS = ("job_id", "seq", "event_key", *API_FIELDS, "raw", "content_hash", "repairs")
+_OTHER_FIELDS = tuple(name for name in API_FIELDS if name != "created_at")
+# Every column a write sends, in the order of the driver's row tuples. created_at comes last:
+# the one value whose form differs by database.
+COLUMNS = (
+    "job_id",
+    "seq",
+    "event_key",
+    *_OTHER_FIELDS,
+    "raw",
+    "content_hash",
+    "repairs",
+    "created_at",
+)
 _UPSERT_COLUMNS = (*COLUMNS, "updated_at")
 # Columns an update may change on an event already stored; job_id, key, seq and
 # first_seen_at stay.
 _CONTENT_COLUMNS = (*API_FIELDS, "raw", "content_hash", "repairs", "updated_at")
-_CREATED_AT = COLUMNS.index("created_at")
-_REPAIRS = COLUMNS.index("repairs")
+_others = itemgetter(*(API_FIELDS.index(name) for name in _OTHER_FIELDS))
+_CREATED_AT = API_FIELDS.index("created_at")
 
 
 @dataclass(frozen=True)
@@ -75,23 +86,32 @@ def write(
     next seq numbers after `max_seq`, and update those whose content changed. The caller
     holds the job's state row lock, so nothing else writes the job meanwhile."""
     seq = max_seq
-    new_rows: list[tuple[Any, ...]] = []
-    changed_rows: list[tuple[Any, ...]] = []
+    new: list[tuple[int, Event]] = []
+    changed: list[tuple[int, Event]] = []
     for event in events:
         stored_hash = known.get(event.key)
         if stored_hash is None:
             seq += 1
-            new_rows.append(_row(job_id, seq, event))
+            new.append((seq, event))
         elif stored_hash != event.content_hash:
-            changed_rows.append(_row(job_id, 0, event))  # the update keeps the stored seq
-    _insert_new(connection, new_rows)
-    _upsert(connection, changed_rows, updated_at=now)
-    repaired = sum(1 for row in chain(new_rows, changed_rows) if row[_REPAIRS] is not None)
-    return Written(new=len(new_rows), updated=len(changed_rows), repaired=repaired)
+            changed.append((0, event))  # the update keeps the stored seq
+    _insert_new(connection, job_id, new)
+    _upsert(connection, job_id, changed, updated_at=now)
+    repaired = sum(1 for _, event in chain(new, changed) if event.repairs is not None)
+    return Written(new=len(new), updated=len(changed), repaired=repaired)
 
 
-def _row(job_id: str, seq: int, event: Event) -> tuple[Any, ...]:
-    return (job_id, seq, event.key, *event.values, event.raw, event.content_hash, event.repairs)
+def _rows(
+    job_id: str,
+    pairs: Iterable[tuple[int, Event]],
+    updated_at: Any,
+    stamp: Callable[[datetime | None], Any] = lambda value: value,
+) -> Iterator[tuple[Any, ...]]:
+    """(seq, event) pairs as the driver's rows, in _UPSERT_COLUMNS order; `stamp` gives
+    created_at the database's form."""
+    for seq, e in pairs:
+        yield (job_id, seq, e.key, *_others(e.values), e.raw, e.content_hash, e.repairs,
+               stamp(e.values[_CREATED_AT]), updated_at)  # fmt: skip
 
 
 _COMPILED: dict[str, str] = {}
@@ -131,79 +151,59 @@ COPY_THRESHOLD = 200
 _INCOMING = "eventsync_incoming"
 
 
-def _insert_new(connection: Connection, rows: Sequence[tuple[Any, ...]]) -> None:
-    """Rows whose keys the job doesn't have. On Postgres a large batch is COPYed straight
-    into the table (the state row lock keeps other writers out); elsewhere they take the
-    upsert, which costs SQLite no more than a plain INSERT."""
-    if connection.dialect.name == "postgresql" and len(rows) >= COPY_THRESHOLD:
-        _copy(connection, events_table.name, ((*row, None) for row in rows))
+def _insert_new(connection: Connection, job_id: str, pairs: Sequence[tuple[int, Event]]) -> None:
+    """Events the job doesn't have. On Postgres a large batch is COPYed straight into the
+    table (the state row lock keeps other writers out); elsewhere they take the upsert,
+    which costs SQLite no more than a plain INSERT."""
+    if connection.dialect.name == "postgresql" and len(pairs) >= COPY_THRESHOLD:
+        _copy(connection, events_table.name, _rows(job_id, pairs, None))
     else:
-        _upsert(connection, rows, updated_at=None)
+        _upsert(connection, job_id, pairs, updated_at=None)
 
 
 def _upsert(
-    connection: Connection, rows: Sequence[tuple[Any, ...]], *, updated_at: datetime | None
+    connection: Connection,
+    job_id: str,
+    pairs: Sequence[tuple[int, Event]],
+    *,
+    updated_at: datetime | None,
 ) -> None:
-    """Upsert rows (in COLUMNS order). The driver gets plain tuples: SQLAlchemy's per-row
-    bind processing cost more than the insert itself."""
-    if not rows:
+    """Upsert (seq, event) pairs. The driver gets plain tuples: SQLAlchemy's per-row bind
+    processing cost more than the insert itself."""
+    if not pairs:
         return
     if connection.dialect.name == "sqlite":
-        _sqlite_upsert(connection, rows, updated_at)
-    elif len(rows) >= COPY_THRESHOLD:
-        _copy_upsert(connection, ((*row, updated_at) for row in rows))
+        _sqlite_upsert(connection, job_id, pairs, updated_at)
+    elif len(pairs) >= COPY_THRESHOLD:
+        _copy_upsert(connection, _rows(job_id, pairs, updated_at))
     else:  # psycopg takes named parameters
-        named = [dict(zip(_UPSERT_COLUMNS, (*row, updated_at), strict=True)) for row in rows]
+        named = [
+            dict(zip(_UPSERT_COLUMNS, row, strict=True)) for row in _rows(job_id, pairs, updated_at)
+        ]
         connection.exec_driver_sql(_upsert_sql(connection), named)
 
 
 def _sqlite_upsert(
-    connection: Connection, rows: Sequence[tuple[Any, ...]], updated_at: datetime | None
+    connection: Connection,
+    job_id: str,
+    pairs: Sequence[tuple[int, Event]],
+    updated_at: datetime | None,
 ) -> None:
     """Multi-row VALUES statements, each as many rows as a power of two, so that a handful of
-    statement texts serve every job. sqlite3's executemany releases the GIL around every
-    row, and each row then waits for a busy thread to hand it back: with the other workers
-    parsing, one statement per few hundred rows was far faster. The parameters are built
+    statement texts serve every job: sqlite3's executemany releases the GIL around every
+    row, and each row then waits for a busy thread to hand it back. The parameters are built
     one statement at a time, so a large job never has them all."""
     driver = connection.connection.driver_connection
     assert driver is not None
     widest = _widest_statement(driver.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER))
     single = _upsert_sql(connection)
     now = _sqlite_time(updated_at)
-    tail = () if now is None else (now,)
     start = 0
-    while start < len(rows):
-        size = min(widest, 1 << ((len(rows) - start).bit_length() - 1))
-        batch = rows[start : start + size]
-        nulls = _null_columns(batch)
-        if now is None:
-            nulls += (len(COLUMNS),)  # updated_at
-        values = itemgetter(*(i for i in range(len(COLUMNS)) if i not in nulls))
-        params = chain.from_iterable((*values(_sqlite_row(row)), *tail) for row in batch)
-        connection.exec_driver_sql(_multi_row(single, size, nulls), tuple(params))
+    while start < len(pairs):
+        size = min(widest, 1 << ((len(pairs) - start).bit_length() - 1))
+        rows = _rows(job_id, pairs[start : start + size], now, _sqlite_time)
+        connection.exec_driver_sql(_multi_row(single, size), tuple(chain.from_iterable(rows)))
         start += size
-
-
-def _sqlite_row(row: tuple[Any, ...]) -> tuple[Any, ...]:
-    created = row[_CREATED_AT]
-    if created is None:
-        return row
-    return (*row[:_CREATED_AT], _sqlite_time(created), *row[_CREATED_AT + 1 :])
-
-
-_JUST_NONE = {None}
-
-
-def _null_columns(rows: Sequence[tuple[Any, ...]]) -> tuple[int, ...]:
-    """The columns that are None in every row. They are written as NULL in the statement's
-    text: sqlite3 looks up an adapter for each None it binds, which made the values a new
-    2026-04 event leaves empty cost as much as the others."""
-    first = rows[0]
-    return tuple(
-        i
-        for i in range(len(COLUMNS))
-        if first[i] is None and set(map(itemgetter(i), rows)) == _JUST_NONE
-    )
 
 
 def _widest_statement(variable_limit: int) -> int:
@@ -213,14 +213,11 @@ def _widest_statement(variable_limit: int) -> int:
 
 
 @lru_cache(maxsize=64)
-def _multi_row(single: str, rows: int, nulls: tuple[int, ...]) -> str:
-    """`single` (one row of ? placeholders) with its VALUES group repeated `rows` times, NULL
-    in place of the placeholders of the columns `nulls` (updated_at is the last)."""
-    placeholders = ", ".join(["?"] * len(_UPSERT_COLUMNS))
-    head, found, tail = single.partition(f"({placeholders})")
+def _multi_row(single: str, rows: int) -> str:
+    """`single` (one row of ? placeholders) with its VALUES group repeated `rows` times."""
+    group = f"({', '.join(['?'] * len(_UPSERT_COLUMNS))})"
+    head, found, tail = single.partition(group)
     assert found, single
-    slots = ["NULL" if i in nulls else "?" for i in range(len(_UPSERT_COLUMNS))]
-    group = f"({', '.join(slots)})"
     return head + ", ".join([group] * rows) + tail
 
 
