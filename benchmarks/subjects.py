@@ -7,7 +7,7 @@ import sqlite3
 import tempfile
 from typing import Any
 
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine
 
 from eventsync import db
 from eventsync import migrate as schema
@@ -43,40 +43,6 @@ def migrate(url: str) -> Engine:
     engine = db.make_engine(url)
     schema.upgrade(engine)
     return engine
-
-
-def count_writes(engine: Engine) -> None:
-    """Triggers that count rows written to fine_tune_events (as in the tests)."""
-    with engine.begin() as conn:
-        conn.execute(text("CREATE TABLE IF NOT EXISTS write_log (op TEXT)"))
-        if engine.dialect.name == "postgresql":
-            conn.execute(
-                text(
-                    "CREATE OR REPLACE FUNCTION log_write() RETURNS trigger AS $$ BEGIN "
-                    "INSERT INTO write_log VALUES (TG_OP); RETURN NULL; END $$ LANGUAGE plpgsql"
-                )
-            )
-            conn.execute(
-                text(
-                    "CREATE TRIGGER count_writes AFTER INSERT OR UPDATE OR DELETE "
-                    "ON fine_tune_events FOR EACH ROW EXECUTE FUNCTION log_write()"
-                )
-            )
-        else:
-            for op in ("INSERT", "UPDATE", "DELETE"):
-                conn.execute(
-                    text(
-                        f"CREATE TRIGGER count_{op.lower()} AFTER {op} ON fine_tune_events "
-                        f"BEGIN INSERT INTO write_log VALUES ('{op}'); END"
-                    )
-                )
-
-
-def writes(engine: Engine) -> int:
-    with engine.begin() as conn:
-        n = int(conn.execute(text("SELECT count(*) FROM write_log")).scalar_one())
-        conn.execute(text("DELETE FROM write_log"))
-    return n
 
 
 def sdk_loop(path: str, base_url: str, key: str, job_ids: list[str]) -> int:

@@ -19,6 +19,7 @@ either event generation ("2026-04": `hash` and `training_offset`; "2026-08": nei
 `tokenized_dataset_path` and the early-stopping fields), checks the bearer key, and can fail
 on purpose (`FAULT_KINDS`: resets, stalls, error statuses, HTML, cut or short bodies, the
 wrong shape). `requests`, `arrivals` and `max_in_flight` record what it was asked.
+`install_write_counter` and `writes` count the rows a database was written, by triggers.
 
 Standalone, it serves the offline demo (eventsync.demo):
 
@@ -39,10 +40,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 from eventsync.demo import Demo
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
 
 GENERATIONS = ("2026-04", "2026-08")
 LIFECYCLE = [
@@ -401,6 +405,48 @@ def _error(status: int, message: str, code: str) -> tuple[int, bytes, dict[str, 
         "error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}
     }
     return status, json.dumps(body).encode(), {}
+
+
+def install_write_counter(engine: Engine) -> None:
+    """Count every row written to fine_tune_events, by triggers inside the database: the
+    proof that a pass which found nothing new wrote nothing."""
+    from sqlalchemy import text
+
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE write_log (op TEXT NOT NULL)"))
+        if engine.dialect.name == "postgresql":
+            conn.execute(
+                text(
+                    "CREATE FUNCTION log_write() RETURNS trigger AS $$ BEGIN "
+                    "INSERT INTO write_log VALUES (TG_OP); RETURN NULL; END $$ LANGUAGE plpgsql"
+                )
+            )
+            conn.execute(
+                text(
+                    "CREATE TRIGGER count_writes AFTER INSERT OR UPDATE OR DELETE "
+                    "ON fine_tune_events FOR EACH ROW EXECUTE FUNCTION log_write()"
+                )
+            )
+        else:
+            for op in ("INSERT", "UPDATE", "DELETE"):
+                conn.execute(
+                    text(
+                        f"CREATE TRIGGER count_{op.lower()} AFTER {op} ON fine_tune_events "
+                        f"BEGIN INSERT INTO write_log VALUES ('{op}'); END"
+                    )
+                )
+
+
+def writes(engine: Engine, *, reset: bool = False) -> dict[str, int]:
+    """Rows written to fine_tune_events since install_write_counter (or the last reset), by
+    operation: {"INSERT": 3}."""
+    from sqlalchemy import text
+
+    with engine.begin() as conn:
+        rows = conn.execute(text("SELECT op, count(*) FROM write_log GROUP BY op")).all()
+        if reset:
+            conn.execute(text("DELETE FROM write_log"))
+    return {op: n for op, n in rows}
 
 
 def main(argv: list[str] | None = None) -> None:

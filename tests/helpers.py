@@ -12,16 +12,18 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
 import httpx
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, select, text
 
 from eventsync.client import ApiKey, RetryPolicy, TogetherClient, make_http_client
 from eventsync.config import Settings
 from eventsync.fingerprint import read_body
+from eventsync.models import events_table
 from eventsync.sync import PassResult, plan_jobs, run_pass
 from eventsync.testing import FakeTogether
 
@@ -82,40 +84,6 @@ def fetch_events(client: TogetherClient, job_id: str) -> list[Any]:
     body = client.job_events(job_id, lambda content: read_body(content, None, f"job {job_id}"))
     assert body.events is not None
     return body.events
-
-
-def install_write_counter(engine: Engine) -> None:
-    """Count every row written to fine_tune_events, by triggers inside the database."""
-    with engine.begin() as conn:
-        conn.execute(text("CREATE TABLE write_log (op TEXT NOT NULL)"))
-        if engine.dialect.name == "postgresql":
-            conn.execute(
-                text(
-                    "CREATE FUNCTION log_write() RETURNS trigger AS $$ BEGIN "
-                    "INSERT INTO write_log VALUES (TG_OP); RETURN NULL; END $$ LANGUAGE plpgsql"
-                )
-            )
-            conn.execute(
-                text(
-                    "CREATE TRIGGER count_writes AFTER INSERT OR UPDATE OR DELETE "
-                    "ON fine_tune_events FOR EACH ROW EXECUTE FUNCTION log_write()"
-                )
-            )
-        else:
-            for op in ("INSERT", "UPDATE", "DELETE"):
-                conn.execute(
-                    text(
-                        f"CREATE TRIGGER count_{op.lower()} AFTER {op} ON fine_tune_events "
-                        f"BEGIN INSERT INTO write_log VALUES ('{op}'); END"
-                    )
-                )
-
-
-def writes(engine: Engine) -> dict[str, int]:
-    """Rows written to fine_tune_events since install_write_counter, by operation."""
-    with engine.connect() as conn:
-        rows = conn.execute(text("SELECT op, count(*) FROM write_log GROUP BY op")).all()
-    return {op: n for op, n in rows}
 
 
 def fail_inserts_of(engine: Engine, message: str) -> None:
@@ -257,3 +225,48 @@ class Lines:
             return self._lines.get(timeout=timeout)
         except queue.Empty:
             raise AssertionError(f"no line within {timeout}s") from None
+
+
+def read_pty(master: int) -> bytes:
+    """Everything a child wrote to a pseudo-terminal, until it closed its side."""
+    drawn = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: the child's side is closed
+            break
+        if not chunk:
+            break
+        drawn += chunk
+    return drawn
+
+
+@contextmanager
+def events_never_answered(fake: FakeTogether) -> Iterator[threading.Event]:
+    """Requests for events hang until the block ends (then they are served as usual). Yields
+    an Event set once the first such request arrived."""
+    stuck, answer = threading.Event(), threading.Event()
+
+    def never_answer(path: str) -> None:
+        if path.endswith("/events"):
+            stuck.set()
+            answer.wait()
+
+    fake.override = never_answer
+    try:
+        yield stuck
+    finally:
+        answer.set()
+        wait_until(lambda: fake.in_flight == 0)  # before the fake is reset for the next test
+
+
+def stored_events(
+    engine: Engine, job_id: str, *, skip: frozenset[str] = frozenset()
+) -> list[tuple[Any, ...]]:
+    """The job's stored rows in seq order, every column but the row id, the arrival times and
+    those in `skip`."""
+    left_out = {"id", "first_seen_at", "updated_at", *skip}
+    columns = [c for c in events_table.c if c.name not in left_out]
+    query = select(*columns).where(events_table.c.job_id == job_id).order_by(events_table.c.seq)
+    with engine.connect() as conn:
+        return [tuple(row) for row in conn.execute(query)]

@@ -13,7 +13,7 @@ from sqlalchemy import func, select, text
 from eventsync import db, migrate
 from eventsync.models import events_table
 from eventsync.testing import FakeTogether
-from tests.helpers import API_KEY, EVENTSYNC, run
+from tests.helpers import API_KEY, EVENTSYNC, read_pty, run
 
 
 def count(db_url: str) -> int:
@@ -215,15 +215,7 @@ def test_progress_bar_on_a_terminal_only(
         stderr=slave,
     )
     os.close(slave)
-    drawn = b""
-    while True:
-        try:
-            chunk = os.read(master, 65536)
-        except OSError:
-            break
-        if not chunk:
-            break
-        drawn += chunk
+    drawn = read_pty(master)
     assert proc.wait(timeout=30) == 0
     os.close(master)
     assert proc.stdout is not None

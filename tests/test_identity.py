@@ -15,7 +15,7 @@ from eventsync.jsonio import canonical
 from eventsync.models import events_table
 from eventsync.testing import FakeTogether, make_event
 from eventsync.writer import COPY_THRESHOLD
-from tests.helpers import sync_pass
+from tests.helpers import stored_events, sync_pass
 
 LONG = "L" * 300
 # Hashes chosen to collide: reused ones, empty, long ones that share their first 256
@@ -60,14 +60,6 @@ def fetch_sequences(draw: st.DrawFn) -> tuple[list[Any], list[int]]:
     return events, sorted(set(cuts))
 
 
-def rows(engine: Engine, job_id: str) -> list[tuple[Any, ...]]:
-    skip = {"id", "job_id", "first_seen_at", "updated_at"}
-    columns = [c for c in events_table.c if c.name not in skip]
-    query = select(*columns).where(events_table.c.job_id == job_id).order_by("seq")
-    with engine.connect() as conn:
-        return [tuple(row) for row in conn.execute(query)]
-
-
 @settings(
     max_examples=40,
     deadline=None,
@@ -91,8 +83,8 @@ def test_any_fetch_sequence_stores_what_one_fetch_stores(
     last = result.outcomes[0]
     first = sync_pass(fake, engine, [once]).outcomes[0]
     assert first.error is None, first.error
-    expected = rows(engine, once)
-    assert rows(engine, stepwise) == expected
+    expected = stored_events(engine, once, skip=frozenset({"job_id"}))
+    assert stored_events(engine, stepwise, skip=frozenset({"job_id"})) == expected
     assert last.total == first.total == len(expected)
     again = sync_pass(fake, engine, [stepwise, once])
     assert [(o.new, o.updated) for o in again.outcomes] == [(0, 0), (0, 0)]

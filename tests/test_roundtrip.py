@@ -14,7 +14,7 @@ from eventsync.events import parse_created_at
 from eventsync.jsonio import canonical
 from eventsync.models import events_table
 from eventsync.testing import FakeTogether
-from tests.helpers import sync_pass
+from tests.helpers import stored_events, sync_pass
 
 TEXT_FIELDS = (
     "object",
@@ -144,14 +144,6 @@ def same_json(stored: Any, sent: Any) -> bool:
     return bool(stored == sent and type(stored) is type(sent))
 
 
-def dump(engine: Engine, job_id: str) -> list[tuple[Any, ...]]:
-    skip = {"id", "first_seen_at", "updated_at"}
-    columns = [c for c in events_table.c if c.name not in skip]
-    query = select(*columns).where(events_table.c.job_id == job_id).order_by(events_table.c.seq)
-    with engine.connect() as conn:
-        return [tuple(row) for row in conn.execute(query)]
-
-
 @settings(
     max_examples=40,
     deadline=None,
@@ -218,7 +210,7 @@ def test_sync_stores_what_was_sent(
             assert getattr(row, name) == want, name
         assert row.created_at == parse_created_at(raw.get("created_at"))
 
-    before = dump(engine, job_id)
+    before = stored_events(engine, job_id)
     again = sync_pass(fake, engine, [job_id]).outcomes[0]
     assert (again.new, again.updated) == (0, 0)
-    assert dump(engine, job_id) == before
+    assert stored_events(engine, job_id) == before

@@ -30,6 +30,7 @@ from tests.helpers import (
     EVENTSYNC,
     SHUTDOWN_CEILING,
     event_counts,
+    events_never_answered,
     make_settings,
     wait_until,
 )
@@ -117,24 +118,13 @@ def test_a_pass_that_outlasts_the_grace_is_cut_off(
     """A pass stuck on an API that never answers: when the grace runs out the daemon exits 0
     anyway and says so, and the job it cut off wrote nothing."""
     fake.add_job("ft-stuck", events=5)
-    stuck, answer = threading.Event(), threading.Event()
-
-    def never_answer(path: str) -> None:
-        if path.endswith("/events"):
-            stuck.set()
-            answer.wait()  # then served as usual, once the test is over
-
-    fake.override = never_answer
-    try:
+    with events_never_answered(fake) as stuck:
         daemon = start_daemon("--job-id", "ft-stuck", env={"EVENTSYNC_SHUTDOWN_GRACE": "1"})
         wait_until(stuck.is_set)
         code, _ = daemon.stop()
         assert code == 0
         assert "did not finish within 1s; exiting anyway" in daemon.stderr()
         assert event_counts(engine) == {}
-    finally:
-        answer.set()
-        wait_until(lambda: fake.in_flight == 0)  # before the fake is reset for the next test
 
 
 @contextmanager

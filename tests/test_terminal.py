@@ -17,7 +17,7 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from eventsync.testing import FakeTogether, Override, make_event
-from tests.helpers import API_KEY, EVENTSYNC, run
+from tests.helpers import API_KEY, EVENTSYNC, read_pty, run
 
 MARKUP = "bad [/x] markup"
 LINK = "[link=https://evil.example]click[/link]"
@@ -99,15 +99,7 @@ def on_a_terminal(*args: str, cwd: Path) -> str:
         stderr=subprocess.PIPE,
     )
     os.close(slave)
-    shown = b""
-    while True:
-        try:
-            chunk = os.read(master, 65536)
-        except OSError:
-            break
-        if not chunk:
-            break
-        shown += chunk
+    shown = read_pty(master)
     os.close(master)
     assert proc.stderr is not None
     with proc.stderr:
