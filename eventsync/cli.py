@@ -118,9 +118,12 @@ class Setup:
         return settings
 
     @contextmanager
-    def database(self, settings: Settings, *, read_only: bool = False) -> Iterator[Engine]:
+    def database(
+        self, settings: Settings, *, read_only: bool = False, migrate: bool = True
+    ) -> Iterator[Engine]:
         """An engine on the settings' database, disposed at the end. Writers migrate an empty
-        or older schema first; readers (`read_only`) never create, migrate or change it. A
+        or older schema first (unless not `migrate`); readers (`read_only`) never create,
+        migrate or change it, and with `migrate` False open a database at any revision. A
         database that can't be opened or used is a one-line error naming it, password masked."""
         from sqlalchemy.exc import SQLAlchemyError
 
@@ -130,7 +133,7 @@ class Setup:
         where = mask_url(settings.database_url)
         try:
             if read_only:
-                engine = db.open_reader(settings.database_url)
+                engine = db.open_reader(settings.database_url, any_revision=not migrate)
             else:
                 engine = db.make_engine(settings.database_url, pool_size=settings.concurrency)
         except ConfigError as exc:
@@ -138,12 +141,14 @@ class Setup:
         except (SQLAlchemyError, ImportError, OSError) as exc:
             fail(f"database {where}: {first_line(exc)}")
         try:
-            if not read_only:
-                from eventsync import migrate
+            # A database at the newest revision is used as is: Alembic is imported (0.2 s)
+            # only to migrate.
+            if migrate and not read_only and db.current_revision(engine) != db.HEAD:
+                from eventsync import migrate as schema
 
-                migrate.ensure_schema(engine)
+                schema.ensure_schema(engine)
             yield engine
-        except SQLAlchemyError as exc:
+        except (SQLAlchemyError, ImportError, OSError) as exc:
             fail(f"database {where}: {first_line(exc)}")
         except ConfigError as exc:
             fail(f"database {where}: {exc}")
@@ -186,23 +191,13 @@ def jobs_app() -> None:
 @pass_setup
 def db_upgrade(setup: Setup, database_url: str | None, verbose: bool) -> None:
     """Upgrade the database schema to the newest revision (creates it when empty)."""
-    from eventsync import db, migrate
+    from eventsync import migrate
     from eventsync.config import mask_url
 
     settings = setup.settings(database_url=database_url, verbose=verbose)
-    where = mask_url(settings.database_url)
-    try:
-        engine = db.make_engine(settings.database_url)
-    except Exception as exc:  # an unusable path or driver: one line
-        fail(f"database {where}: {first_line(exc)}")
-    try:
+    with setup.database(settings, migrate=False) as engine:
         before, after = migrate.upgrade(engine)
-    except ConfigError as exc:
-        fail(f"database {where}: {exc}")
-    except Exception as exc:
-        fail(f"database {where}: {first_line(exc)}")
-    finally:
-        engine.dispose()
+    where = mask_url(settings.database_url)
     if before == after:
         output.echo(f"{where}: already at {after}")
     else:
@@ -216,20 +211,10 @@ def db_upgrade(setup: Setup, database_url: str | None, verbose: bool) -> None:
 def db_current(setup: Setup, database_url: str | None, verbose: bool) -> None:
     """Show the database's schema revision and the newest one available. Reads only."""
     from eventsync import db
-    from eventsync.config import mask_url
 
     settings = setup.settings(database_url=database_url, verbose=verbose)
-    where = mask_url(settings.database_url)
-    try:
-        engine = db.open_reader(settings.database_url, any_revision=True)
-        try:
-            current = db.current_revision(engine)
-        finally:
-            engine.dispose()
-    except ConfigError as exc:
-        fail(str(exc))
-    except Exception as exc:
-        fail(f"database {where}: {first_line(exc)}")
+    with setup.database(settings, read_only=True, migrate=False) as engine:
+        current = db.current_revision(engine)
     if current == db.HEAD:
         verdict = "up to date"
     elif current is not None and current not in db.REVISIONS:
