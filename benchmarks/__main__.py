@@ -28,6 +28,7 @@ from sqlalchemy.engine import make_url
 
 from benchmarks import floor, subjects
 from benchmarks.server import KEY, Server
+from eventsync.testing import install_write_counter, writes
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_PG = "postgresql+psycopg://127.0.0.1:5432/test"
@@ -139,18 +140,18 @@ def bench_database(
                 )
                 assert result.new == size.jobs * size.events, result.new
                 cold_es.append(t)
-                subjects.count_writes(engine)
+                install_write_counter(engine)
                 t, result = timed(
                     lambda url=url: subjects.eventsync_pass(url, server.base_url, KEY)
                 )
                 steady_es.append(t)
-                steady_writes.append(subjects.writes(engine))
+                steady_writes.append(sum(writes(engine, reset=True).values()))
                 server.add_one_each()
                 t, result = timed(
                     lambda url=url: subjects.eventsync_pass(url, server.base_url, KEY)
                 )
                 trickle_es.append(t)
-                trickle_writes.append(subjects.writes(engine))
+                trickle_writes.append(sum(writes(engine, reset=True).values()))
                 server.truncate(size.events)
                 engine.dispose()
     cold = med(cold_es)
@@ -231,6 +232,107 @@ def bench_database(
     if peers:
         rows += bench_peers(kind, size, runs, dbs, server, cold, steady, wide)
     return rows
+
+
+def _eventsync_env(base_url: str) -> dict[str, str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("EVENTSYNC_", "TOGETHER_"))}
+    return {**base, "TOGETHER_API_KEY": KEY, "TOGETHER_BASE_URL": base_url}
+
+
+EVENTSYNC = str(Path(sys.executable).with_name("eventsync"))
+
+
+def process_seconds(args: list[str], env: dict[str, str] | None = None) -> float:
+    """Wall time of one whole process, start-up included, as a user running it sees it."""
+    started = time.perf_counter()
+    done = subprocess.run(args, env=env, capture_output=True, text=True, check=False)
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        raise RuntimeError(f"{args[:3]} failed: {done.stderr.strip()[-500:]}")
+    return seconds
+
+
+def floor_process(kind: str, url: str, server: Server) -> list[str]:
+    target = make_url(url).database or "" if kind == "sqlite" else url.replace("+psycopg", "")
+    return [sys.executable, "-m", "benchmarks.floor", kind, target, server.base_url, KEY,
+            *server.job_ids]  # fmt: skip
+
+
+def bench_whole_process(
+    kind: str, size: Size, runs: int, dbs: Databases, server: Server
+) -> list[Row]:
+    """`eventsync sync --all-jobs` from cron: cold and wide, each a whole process against the
+    floor as a whole process."""
+    rows = []
+    env = _eventsync_env(server.base_url)
+    for scenario in ("cold", "wide"):
+        if scenario == "cold":
+            server.load(size.jobs, size.events)
+        else:
+            server.load(size.wide_jobs, size.wide_events, size.latency)
+        es, fl = [], []
+        for run in range(runs):
+            for who in ("floor", "eventsync") if run % 2 == 0 else ("eventsync", "floor"):
+                with dbs.fresh(kind) as url:
+                    if who == "floor":
+                        fl.append(process_seconds(floor_process(kind, url, server)))
+                    else:
+                        subjects.migrate(url).dispose()  # as in-process: the schema is there
+                        sync = [EVENTSYNC, "sync", "--all-jobs", "--database-url", url]
+                        es.append(process_seconds(sync, env))
+        mine, floor_s = med(es), med(fl)
+        if scenario == "cold":
+            target, passed = "floor/eventsync >= 0.67", floor_s / mine >= 0.67
+            note = f"{size.jobs} jobs x {size.events} events"
+        else:
+            ideal = size.wide_jobs * size.latency / 8
+            target, passed = f"<= 1.5x ideal ({ideal:.2f}s)", mine <= 1.5 * ideal
+            note = f"{size.wide_jobs} jobs x {size.wide_events} events; {mine / ideal:.2f}x ideal"
+        rows.append(
+            Row(
+                f"{scenario}, whole process",
+                kind,
+                mine,
+                floor_s,
+                "floor (whole process)",
+                floor_s / mine,
+                target,
+                passed,
+                f"{note}; runs: eventsync {spread(es)}, floor {spread(fl)}",
+            )
+        )
+    return rows
+
+
+def bench_startup(runs: int, dbs: Databases, server: Server) -> list[Row]:
+    """`eventsync status` on a small SQLite file, as a whole process, against the least any
+    Python program that reads it with SQLAlchemy pays: `python -c "import sqlalchemy"`."""
+    server.load(5, 50)
+    env = _eventsync_env(server.base_url)
+    with dbs.fresh("sqlite") as url:
+        process_seconds([EVENTSYNC, "sync", "--all-jobs", "--database-url", url], env)
+        status = [EVENTSYNC, "status", "--database-url", url]
+        bare = [sys.executable, "-c", "import sqlalchemy"]
+        process_seconds(status, env)  # the first run warms the disk cache; not counted
+        mine, floor_s = [], []
+        for _ in range(max(7, runs)):
+            mine.append(process_seconds(status, env))
+            floor_s.append(process_seconds(bare))
+    ratio = med(mine) / med(floor_s)
+    return [
+        Row(
+            "startup",
+            "sqlite",
+            med(mine),
+            med(floor_s),
+            "import sqlalchemy",
+            med(floor_s) / med(mine),
+            "status <= 1.3x import sqlalchemy",
+            ratio <= 1.3,
+            f"`eventsync status`, 5 jobs: {ratio:.2f}x; runs: status {spread(mine)}, "
+            f"import {spread(floor_s)}",
+        )
+    ]
 
 
 def bench_peers(
@@ -375,9 +477,8 @@ def peak_rss_mb(args: list[str], env: dict[str, str], cwd: str) -> float:
 
 
 def bench_memory(size: Size, dbs: Databases, server: Server) -> list[Row]:
-    exe = str(Path(sys.executable).with_name("eventsync"))
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("EVENTSYNC_", "TOGETHER_"))}
-    env = {**base, "TOGETHER_API_KEY": KEY, "TOGETHER_BASE_URL": server.base_url}
+    exe = EVENTSYNC
+    env = _eventsync_env(server.base_url)
     rows = []
     server.load(1, size.big_job)
     with dbs.fresh("sqlite") as url:
@@ -502,7 +603,10 @@ def main(argv: list[str] | None = None) -> int:
                     server,
                     peers=not args.no_peers and not args.quick,
                 )
+                rows += bench_whole_process(kind.strip(), size, runs, dbs, server)
                 print(render(rows), "\n", flush=True)
+            if not args.only_memory:
+                rows += bench_startup(runs, dbs, server)
             rows += bench_memory(size, dbs, server)
         finally:
             server.close()

@@ -96,3 +96,17 @@ def postgres_floor(url: str, base_url: str, key: str, job_ids: list[str], concur
             db.commit()
             total += len(events)
     return total
+
+
+def main(argv: list[str]) -> None:
+    """`python -m benchmarks.floor sqlite|postgres TARGET BASE_URL KEY JOB...`: the floor as
+    a whole process, start-up included, as `eventsync sync` is timed."""
+    kind, target, base_url, key, *job_ids = argv
+    insert = sqlite_floor if kind == "sqlite" else postgres_floor
+    print(insert(target, base_url, key, job_ids, 8))
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(sys.argv[1:])
