@@ -131,9 +131,11 @@ _VALIDATE_AT_ONCE = 1000
 def _validated(objects: list[dict[str, Any]]) -> Iterator[tuple[dict[str, Any], Any]]:
     """Each event with its validated columns (a new dict, free to change), or None when the
     event has a field that doesn't fit. One pydantic call per thousand events: one call per
-    event costs more, and one for a whole list of 50,000 holds a second copy of it."""
-    for start in range(0, len(objects), _VALIDATE_AT_ONCE):
-        chunk = objects[start : start + _VALIDATE_AT_ONCE]
+    event costs more, and one for a whole list of 50,000 holds a second copy of it. Each
+    chunk leaves `objects` as it is taken, so the events parsed so far can be let go."""
+    while objects:
+        chunk = objects[:_VALIDATE_AT_ONCE]
+        del objects[:_VALIDATE_AT_ONCE]
         try:
             yield from zip(chunk, _EVENTS.validate_python(chunk), strict=True)
         except ValidationError:
@@ -153,9 +155,11 @@ def _columns_of(raw: dict[str, Any], repairs: list[str]) -> dict[str, Any]:
                     repairs.append(f"{name}:{err['type']}")
 
 
-def parse_events(data: list[Any], *, careful: bool = False) -> ParsedEvents:
+def parse_events(data: list[Any], *, careful: bool = False, consume: bool = False) -> ParsedEvents:
     """One job's `data` list as records, keyed as the module docstring says. `careful` says
-    the list came from jsonio's careful path, which may have kept numbers as text."""
+    the list came from jsonio's careful path, which may have kept numbers as text. With
+    `consume`, `data` is emptied, so that the decoded events are let go as they are parsed
+    and a large job is not held twice."""
     result = ParsedEvents(events=[])
     objects: list[dict[str, Any]] = []
     for item in data:
@@ -165,6 +169,8 @@ def parse_events(data: list[Any], *, careful: bool = False) -> ParsedEvents:
             # Not an event at all; kept as the raw of an otherwise empty record.
             objects.append({"_not_an_object": item})
             result.repairs["not_an_object"] += 1
+    if consume:
+        data.clear()
     first_of_hash: dict[str, str] = {}  # hash -> content digest of its first event
     keys: set[str] = set()
     events = result.events

@@ -205,11 +205,10 @@ def sync_job(client: TogetherClient, engine: Engine, plan: Plan) -> JobOutcome:
         content, body = client.job_events(
             job.id, lambda content: (content, read_body(content, known, what))
         )
+        if body.events is not None and not body.appended:
+            content = b""  # read whole: the records will hold all that is stored
         if body.events is not None:
-            parsed = parse_events(body.events, careful=body.careful)
-        shortcut = parsed is None or body.appended
-        if not shortcut:
-            content = b""  # the records hold all that is stored
+            parsed = parse_events(body.events, careful=body.careful, consume=True)
         fingerprint, appended = body.fingerprint, body.appended
         del body  # the decoded events: the records hold all that is stored
         try:
@@ -311,7 +310,7 @@ def _save(
 def _whole(content: bytes, fingerprint: Fingerprint, job: Job) -> ParsedEvents:
     whole = whole_body(content, fingerprint, f"job {job.id}")
     assert whole.events is not None
-    return parse_events(whole.events, careful=whole.careful)
+    return parse_events(whole.events, careful=whole.careful, consume=True)
 
 
 def _record_failure(engine: Engine, job_id: str, error: EventsyncError) -> None:
