@@ -8,7 +8,9 @@ click's (Typer, built on it, imports pydantic at every start to coerce its param
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -596,13 +598,34 @@ def events(
         aligned = output.Aligned(columns, rows) if fmt == "table" else None
         _emit_more(rows, columns, fmt, aligned, header=True)
         after = rows[-1]["seq"] if rows else 0
-        try:
+        with _stopped_by_signals() as stop:
             for batch in reads.follow(
-                engine, job_id, after_seq=after, event_type=event_type, since=since_at
+                engine, job_id, after_seq=after, stop=stop, event_type=event_type, since=since_at
             ):
                 _emit_more(batch, columns, fmt, aligned, header=False)
-        except KeyboardInterrupt:
-            return
+
+
+@contextmanager
+def _stopped_by_signals() -> Iterator[threading.Event]:
+    """An Event that Ctrl-C or SIGTERM sets, to be looked at between steps, so that a signal
+    never lands inside the database driver or the connection pool, whose locks a
+    KeyboardInterrupt could leave held (a follow then hung at exit on a busy machine). A
+    second signal interrupts at once."""
+    stop = threading.Event()
+
+    def handle(_signum: int, _frame: object) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+
+    previous = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    except KeyboardInterrupt:
+        return
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _emit_more(

@@ -8,6 +8,7 @@ statement timeout; rows are streamed up to a cap; and the connection is thrown a
 from __future__ import annotations
 
 import re
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import closing
@@ -102,14 +103,14 @@ def follow(
     job_id: str,
     *,
     after_seq: int,
+    stop: threading.Event,
     every: float = 1.0,
     event_type: str | None = None,
     since: datetime | None = None,
 ) -> Iterator[list[dict[str, Any]]]:
     """`events --follow`: the job's events stored after `after_seq`, a batch each time some
-    arrive, looked for every `every` seconds, for as long as the caller iterates."""
-    while True:
-        time.sleep(every)
+    arrive, looked for every `every` seconds, until `stop` is set."""
+    while not stop.wait(every):
         with engine.connect() as connection:
             new = job_timeline(
                 connection, job_id, event_type=event_type, since=since, after_seq=after_seq

@@ -217,8 +217,11 @@ class Lines:
         thread.start()
 
     def _read(self, stream: IO[str]) -> None:
-        for line in stream:
-            self._lines.put(line.rstrip("\n"))
+        try:
+            for line in stream:
+                self._lines.put(line.rstrip("\n"))
+        except ValueError:  # the test closed the stream: nothing more to read
+            pass
 
     def next(self, timeout: float = EVENTUALLY) -> str:
         try:

@@ -139,7 +139,16 @@ def test_events_follow(
         new = lines.next()
     finally:
         proc.send_signal(signal.SIGINT)
-        code = proc.wait(timeout=EVENTUALLY)
+        try:
+            code = proc.wait(timeout=EVENTUALLY)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            err = proc.stderr.read() if proc.stderr else ""
+            for pipe in (proc.stdout, proc.stderr):
+                if pipe is not None:
+                    pipe.close()
     if fmt == "jsonl":
         assert [json.loads(line)["seq"] for line in first] == [1, 2, 3, 4]
         assert json.loads(new)["message"] == "Saved step 50"
@@ -151,10 +160,7 @@ def test_events_follow(
             assert new[header.index(column) - 1] == " ", column  # starts where its header does
         assert new[header.index("message") :].startswith("Saved step 50")
     assert code == 0
-    proc.stdout.close()
-    assert proc.stderr is not None
-    assert "Traceback" not in proc.stderr.read()
-    proc.stderr.close()
+    assert "Traceback" not in err
 
 
 def test_sql_reads(url: str, tmp_path: Path) -> None:
