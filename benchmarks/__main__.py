@@ -26,7 +26,7 @@ from typing import Any
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
-from benchmarks import floor, subjects
+from benchmarks import floor, replicas, subjects
 from benchmarks.server import KEY, Server
 from eventsync.testing import install_write_counter, writes
 
@@ -43,10 +43,21 @@ class Size:
     latency: float = 0.05
     big_job: int = 50_000
     mem_jobs: tuple[int, int] = (100, 400)
+    replica_jobs: tuple[int, ...] = (1000, 5000)
+    replica_counts: tuple[int, ...] = (1, 3)
 
 
 FULL = Size()
-QUICK = Size(jobs=10, events=200, wide_jobs=40, wide_events=5, big_job=5_000, mem_jobs=(10, 40))
+QUICK = Size(
+    jobs=10,
+    events=200,
+    wide_jobs=40,
+    wide_events=5,
+    big_job=5_000,
+    mem_jobs=(10, 40),
+    replica_jobs=(40,),
+    replica_counts=(1, 2),
+)
 
 
 @dataclass
@@ -521,6 +532,35 @@ def bench_memory(size: Size, dbs: Databases, server: Server) -> list[Row]:
     return rows
 
 
+def bench_replicas(size: Size, dbs: Databases, server: Server) -> list[Row]:
+    """`eventsync run` replicas on one Postgres: the time to sync every job once, at 50 ms
+    of API latency, against the ideal (jobs x latency / (8 workers x replicas))."""
+    rows = []
+    for jobs in size.replica_jobs:
+        server.load(jobs, 5, size.latency)
+        for count in size.replica_counts:
+            with dbs.fresh("postgres") as url:
+                wall, work = replicas.round_seconds(url, server, count, jobs)
+            ideal = jobs * size.latency / (8 * count)
+            rate = (jobs - 1) / work if work > 0 else float("inf")
+            rows.append(
+                Row(
+                    f"replicas: {jobs} jobs, {count} replica(s)",
+                    "postgres",
+                    work,
+                    ideal,
+                    "ideal",
+                    ideal / work if work > 0 else None,
+                    "- (how far it scales)",
+                    None,
+                    f"first to last job synced in {work:.1f} s ({wall:.1f} s with start-up): "
+                    f"{rate:.0f} jobs/s, so a 60 s interval covers about {60 * rate:,.0f} "
+                    "running jobs",
+                )
+            )
+    return rows
+
+
 def machine() -> str:
     cpu = "?"
     try:
@@ -607,6 +647,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(render(rows), "\n", flush=True)
             if not args.only_memory:
                 rows += bench_startup(runs, dbs, server)
+                if "postgres" in args.db:
+                    rows += bench_replicas(size, dbs, server)
             rows += bench_memory(size, dbs, server)
         finally:
             server.close()

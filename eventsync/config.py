@@ -204,7 +204,10 @@ class Settings:
     request_deadline: float = _setting(120.0, _number, above=0, high=3600)
     max_body_mb: int = _setting(64, _integer, low=1, high=1024)  # MiB after decompression
     # The daemon (`eventsync run`).
-    interval: float = _setting(60.0, _number, low=0.1)  # seconds between passes
+    interval: float = _setting(60.0, _number, low=0.1)  # seconds between a running job's polls
+    # Seconds between polls of a queued or pending job; None: 5 x interval.
+    queued_interval: float | None = _setting(None, _number, low=0.1)
+    backoff_max: float = _setting(600.0, _number, low=0.1)  # longest wait after failures
     metrics_port: int = _setting(9464, _integer, low=0, high=65535)  # 0 disables
     metrics_host: str = _setting("127.0.0.1", _text)
     shutdown_grace: float = _setting(8.0, _number, low=0)  # seconds to finish a pass
@@ -221,6 +224,10 @@ class Settings:
                 problems.append(f"{variable(spec.name)}: {exc}{shown}")
         if problems:
             raise ConfigError("invalid setting " + "; ".join(problems))
+
+    @property
+    def queued_every(self) -> float:
+        return self.queued_interval if self.queued_interval is not None else 5 * self.interval
 
     @property
     def api_root(self) -> str:

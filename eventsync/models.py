@@ -142,4 +142,20 @@ state_table = Table(
     # stops polling it until the listing shows it running again.
     Column("finished_at", UTCDateTime()),
     Column("created_at", UTCDateTime(), server_default=func.now(), nullable=False),
+    # The daemon's schedule (eventsync.schedule): when the job is next due (NULL: now), which
+    # daemon holds it and until when, and how many fetches in a row have failed.
+    Column("next_due_at", UTCDateTime(), index=True),
+    Column("lease_owner", String),
+    Column("lease_until", UTCDateTime()),
+    Column("failures", Integer, server_default="0", nullable=False),
+)
+
+# Work done once an interval by one daemon of all those sharing the database: "listing".
+tasks_table = Table(
+    "sync_tasks",
+    metadata,
+    Column("name", String, primary_key=True),
+    Column("next_due_at", UTCDateTime()),
+    Column("lease_owner", String),
+    Column("lease_until", UTCDateTime()),
 )

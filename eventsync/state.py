@@ -6,12 +6,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, Insert, Update, bindparam, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from eventsync.models import events_table, state_table
+
+if TYPE_CHECKING:
+    from eventsync.client import Job
 
 # Statements built once: constructing them per job cost more than running them.
 _LOCK = select(state_table).where(state_table.c.job_id == bindparam("job")).with_for_update()
@@ -30,11 +33,13 @@ class Known:
 
     job_id: str
     status: str | None
+    model: str | None
     fingerprint: str | None
     event_count: int
     stored: int
     tracked: bool
     finished_at: datetime | None
+    failures: int = 0
 
     @property
     def intact(self) -> bool:
@@ -44,19 +49,22 @@ class Known:
         return self.stored == self.event_count
 
 
-def known_jobs(connection: Connection) -> dict[str, Known]:
-    """Every job with a state row, by id."""
+def known_jobs(connection: Connection, ids: Sequence[str] | None = None) -> dict[str, Known]:
+    """Every job with a state row (those among `ids`, if given), by id."""
+    query = _KNOWN if ids is None else _KNOWN.where(state_table.c.job_id.in_(ids))
     return {
         row.job_id: Known(
             job_id=row.job_id,
             status=row.status,
+            model=row.model,
             fingerprint=row.fingerprint,
             event_count=row.event_count,
             stored=row.stored,
             tracked=bool(row.tracked),
             finished_at=row.finished_at,
+            failures=row.failures,
         )
-        for row in connection.execute(_KNOWN)
+        for row in connection.execute(query)
     }
 
 
@@ -133,3 +141,46 @@ def any_tracked(connection: Connection) -> bool:
 def job_states(connection: Connection) -> list[Any]:
     """Every job eventsync knows about, with its sync state, by job id."""
     return list(connection.execute(select(state_table).order_by(state_table.c.job_id)))
+
+
+def note_listing(
+    connection: Connection,
+    listed: Sequence[Job],
+    *,
+    configured: Sequence[str],
+    all_jobs: bool,
+    now: datetime,
+) -> list[str]:
+    """What the listing says, on the state rows: statuses and models, a row for each
+    configured job (and with `all_jobs`, each listed one). A job whose status changed is due
+    at once; a finished job the listing shows active again is polled again. Returns the ids
+    of those."""
+    from eventsync.client import TERMINAL_STATUSES  # the daemon's only: keep reads light
+
+    for job_id in configured:
+        ensure(connection, job_id)
+    s = state_table.c
+    rows = {
+        r.job_id: r for r in connection.execute(select(s.job_id, s.status, s.model, s.finished_at))
+    }
+    again = []
+    for job in listed:
+        row = rows.get(job.id)
+        values: dict[str, Any] = {}
+        if row is None:
+            if not all_jobs:
+                continue
+            ensure(connection, job.id)
+            values = {"status": job.status, "model": job.model}
+        else:
+            if job.status is not None and job.status != row.status:
+                values.update(status=job.status, next_due_at=now)
+            if job.model is not None and job.model != row.model:
+                values["model"] = job.model
+            active = job.status is not None and job.status not in TERMINAL_STATUSES
+            if row.finished_at is not None and active:
+                values.update(finished_at=None, next_due_at=now)
+                again.append(job.id)
+        if values:
+            update_state(connection, job.id, values)
+    return again

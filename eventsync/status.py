@@ -21,6 +21,7 @@ from sqlalchemy import Engine
 from waitress import wasyncore
 from waitress.server import create_server
 
+from eventsync.schedule import Followed
 from eventsync.state import job_states
 
 
@@ -67,15 +68,15 @@ class Metrics:
     def on_response(self, response: httpx.Response) -> None:
         self.http_responses.labels(f"{response.status_code // 100}xx").inc()
 
-    def set_job_states(self, engine: Engine, polled: set[str]) -> None:
-        """Jobs by state: the ones this pass polled, and the finished ones it left alone."""
+    def set_job_states(self, engine: Engine, followed: Followed) -> None:
+        """Jobs by state: the followed ones, and the finished ones left alone."""
         with engine.connect() as connection:
             rows = job_states(connection)
         tally: Tally[str] = Tally()
         for row in rows:
             if row.finished_at is not None:
                 tally["finished"] += 1
-            elif row.job_id not in polled:
+            elif not followed.follows(row):
                 continue  # removed, or no longer configured
             elif row.last_error_kind == "not_found":
                 tally["not_found"] += 1

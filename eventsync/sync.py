@@ -108,26 +108,14 @@ def plan_jobs(
             raise
         log.warning("could not list jobs, statuses unknown this pass: %s", exc)
         listed = []
-    listed = _valid_ids(listed)
+    listed = valid_ids(listed)
     status = {job.id: job.status for job in listed}
     models = {job.id: job.model for job in listed}
 
     def make_plan(job_id: str) -> Plan:
-        job = Job(job_id, status.get(job_id), models.get(job_id))
-        seen = known.get(job_id)
-        if seen is None or full:
-            return Plan(job)
-        if not seen.intact:
-            log.warning(
-                "job %s: %d events stored, but its state counts %d; comparing every event "
-                "fetched with what is stored",
-                job_id,
-                seen.stored,
-                seen.event_count,
-                extra={"job_id": job_id, "stored": seen.stored, "counted": seen.event_count},
-            )
-            return Plan(job)
-        return Plan(job, Fingerprint.parse(seen.fingerprint))
+        return plan_for(
+            Job(job_id, status.get(job_id), models.get(job_id)), known.get(job_id), full
+        )
 
     plans = [make_plan(job_id) for job_id in wanted]
     if all_jobs:
@@ -151,7 +139,25 @@ def plan_jobs(
     return planned
 
 
-def _valid_ids(listed: list[Job]) -> list[Job]:
+def plan_for(job: Job, seen: state.Known | None, full: bool = False) -> Plan:
+    """The plan for one job: its stored fingerprint, unless the job is new, `full` is asked
+    for, or its stored events no longer match its state row."""
+    if seen is None or full:
+        return Plan(job)
+    if not seen.intact:
+        log.warning(
+            "job %s: %d events stored, but its state counts %d; comparing every event "
+            "fetched with what is stored",
+            job.id,
+            seen.stored,
+            seen.event_count,
+            extra={"job_id": job.id, "stored": seen.stored, "counted": seen.event_count},
+        )
+        return Plan(job)
+    return Plan(job, Fingerprint.parse(seen.fingerprint))
+
+
+def valid_ids(listed: list[Job]) -> list[Job]:
     """The listed jobs whose ids pass the check an id from the command line passes. The API
     is not trusted to send only ids: any other is never requested nor stored, and one
     warning a pass says so."""

@@ -61,6 +61,8 @@ def test_health_and_metrics(fake: FakeTogether, engine: Engine, start_daemon) ->
     wait_until(lambda: daemon.get("/healthz").status_code == 200)
     assert daemon.get("/healthz").json()["status"] == "ok"
     wait_until(lambda: metrics(daemon).get("eventsync_events_inserted_total") == 16)
+    # The job gauges are counted once a pass.
+    wait_until(lambda: metrics(daemon).get("eventsync_jobs{state=finished}") == 1)
     sample = metrics(daemon)
     assert sample["eventsync_pass_duration_seconds_count"] >= 1
     assert sample["eventsync_http_responses_total{status_class=2xx}"] >= 3

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Iterator
 
 import pytest
@@ -13,7 +12,7 @@ from eventsync.client import make_http_client
 from eventsync.daemon import Daemon
 from eventsync.status import Metrics
 from eventsync.testing import FakeTogether, make_event
-from tests.helpers import ATTEMPTS, event_counts, make_settings, wait_until
+from tests.helpers import ATTEMPTS, event_counts, make_settings
 
 
 @pytest.fixture
@@ -141,26 +140,3 @@ def test_every_job_not_found_is_unhealthy(fake: FakeTogether, engine: Engine) ->
         fake.add_job("ft-a", events=1)
         daemon.run_pass()
     assert daemon.health.check()[0]
-
-
-def test_a_pass_longer_than_the_interval_is_followed_at_once(
-    fake: FakeTogether, engine: Engine
-) -> None:
-    """The run skipped while a slow pass ran happens right after it, not an interval later."""
-    fake.add_job("ft-1", events=2)
-    # The first pass outlasts the interval by its listing alone; the second, with no delay,
-    # is a tenth of the interval's length even on a busy machine, and ends the catching up.
-    settings = make_settings(fake, str(engine.url), all_jobs=True, interval=2.0)
-    fake.latency = 2.2
-    with make_http_client(settings) as http:
-        daemon = Daemon(settings, engine=engine, http=http, metrics=Metrics())
-
-        def slow_then_fast() -> None:
-            wait_until(lambda: len(fake.arrivals) >= 2)  # the first pass's listing answered
-            fake.latency = 0
-
-        helper = threading.Thread(target=slow_then_fast)
-        helper.start()
-        daemon.run_scheduled()
-        helper.join()
-    assert daemon.metrics.passes.labels("ok")._value.get() == 2
