@@ -152,10 +152,11 @@ def api_env(fake: FakeTogether) -> dict[str, str]:
 
 
 @pytest.fixture
-def start_daemon(fake: FakeTogether, engine: Engine, tmp_path: Path) -> Iterator[object]:
+def run_daemon(fake: FakeTogether, tmp_path: Path) -> Iterator[object]:
+    """Start `eventsync run` on a database URL, against the fake; killed at the end."""
     procs: list[subprocess.Popen[str]] = []
 
-    def start(*args: str, env: dict[str, str] | None = None) -> DaemonProcess:
+    def start(url: str, *args: str, env: dict[str, str] | None = None) -> DaemonProcess:
         port = free_port()
         log = tmp_path / f"daemon-{len(procs)}.log"
         base = {
@@ -163,17 +164,7 @@ def start_daemon(fake: FakeTogether, engine: Engine, tmp_path: Path) -> Iterator
         }
         with log.open("w") as stderr:
             proc = subprocess.Popen(
-                [
-                    EVENTSYNC,
-                    "run",
-                    "--interval",
-                    str(INTERVAL),
-                    "--metrics-port",
-                    str(port),
-                    "--database-url",
-                    str(engine.url.render_as_string(hide_password=False)),
-                    *args,
-                ],
+                [EVENTSYNC, "run", "--metrics-port", str(port), "--database-url", url, *args],
                 cwd=tmp_path,
                 env={
                     **base,
@@ -187,12 +178,23 @@ def start_daemon(fake: FakeTogether, engine: Engine, tmp_path: Path) -> Iterator
                 text=True,
             )
         procs.append(proc)
-        daemon = DaemonProcess(proc, port, log)
-        wait_until(lambda: serving(daemon))
-        return daemon
+        return DaemonProcess(proc, port, log)
 
     yield start
     for proc in procs:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture
+def start_daemon(engine: Engine, run_daemon) -> object:
+    """Start `eventsync run` on the test's database, every INTERVAL; returns once it serves."""
+
+    def start(*args: str, env: dict[str, str] | None = None) -> DaemonProcess:
+        url = engine.url.render_as_string(hide_password=False)
+        daemon: DaemonProcess = run_daemon(url, "--interval", str(INTERVAL), *args, env=env)
+        wait_until(lambda: serving(daemon))
+        return daemon
+
+    return start

@@ -3,13 +3,10 @@ job delays no other; each job's cadence follows its state; SQLite serves one dae
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -21,49 +18,10 @@ from eventsync.models import state_table
 from eventsync.schedule import next_poll
 from eventsync.testing import FakeTogether
 from tests.helpers import (
-    API_KEY,
-    EVENTSYNC,
     EVENTUALLY,
-    FAST_RETRY_ENV,
-    DaemonProcess,
     event_counts,
-    free_port,
     wait_until,
 )
-
-
-@pytest.fixture
-def replicas(fake: FakeTogether, tmp_path: Path) -> Iterator[object]:
-    """Start `eventsync run` processes on a given database; all are killed at the end."""
-    procs: list[subprocess.Popen[str]] = []
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("EVENTSYNC_", "TOGETHER_"))}
-
-    def start(url: str, *args: str, env: dict[str, str] | None = None) -> DaemonProcess:
-        port = free_port()
-        log = tmp_path / f"replica-{len(procs)}.log"
-        with log.open("w") as stderr:
-            proc = subprocess.Popen(
-                [EVENTSYNC, "run", "--metrics-port", str(port), "--database-url", url, *args],
-                cwd=tmp_path,
-                env={
-                    **base,
-                    **FAST_RETRY_ENV,
-                    "TOGETHER_API_KEY": API_KEY,
-                    "TOGETHER_BASE_URL": fake.base_url,
-                    **(env or {}),
-                },
-                stdout=subprocess.DEVNULL,
-                stderr=stderr,
-                text=True,
-            )
-        procs.append(proc)
-        return DaemonProcess(proc, port, log)
-
-    yield start
-    for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def fetches_between(fake: FakeTogether, start: float, end: float) -> Counter[str]:
@@ -78,7 +36,7 @@ def fetches_between(fake: FakeTogether, start: float, end: float) -> Counter[str
 
 
 def test_three_replicas_share_300_jobs_without_duplicates(
-    fake: FakeTogether, pg_db_url: str, replicas
+    fake: FakeTogether, pg_db_url: str, run_daemon
 ) -> None:
     """3 replicas, 300 running jobs, several intervals: each job fetched about once an
     interval across all of them (at most 1.2 on average), every replica takes a share with no
@@ -89,7 +47,7 @@ def test_three_replicas_share_300_jobs_without_duplicates(
         fake.add_job(job_id, events=3)
     engine = create_engine(pg_db_url)
     migrate.upgrade(engine)
-    daemons = [replicas(pg_db_url, "--all-jobs", "--interval", str(interval)) for _ in range(3)]
+    daemons = [run_daemon(pg_db_url, "--all-jobs", "--interval", str(interval)) for _ in range(3)]
     wait_until(lambda: len(event_counts(engine)) == 300)
     started = time.monotonic()
     for job_id in jobs:
@@ -113,7 +71,7 @@ def test_three_replicas_share_300_jobs_without_duplicates(
 
 
 def test_a_killed_replica_frees_its_jobs_within_an_interval(
-    fake: FakeTogether, pg_db_url: str, replicas
+    fake: FakeTogether, pg_db_url: str, run_daemon
 ) -> None:
     """A replica SIGKILLed in the middle of a job: its lease on the job runs out at most one
     interval after its last renewal, and another replica then syncs the job."""
@@ -131,9 +89,9 @@ def test_a_killed_replica_frees_its_jobs_within_an_interval(
 
     fake.override = hang_the_first_fetch
     try:
-        doomed = replicas(pg_db_url, "--job-id", "ft-held", "--interval", str(interval))
+        doomed = run_daemon(pg_db_url, "--job-id", "ft-held", "--interval", str(interval))
         wait_until(stuck.is_set)
-        survivor = replicas(pg_db_url, "--job-id", "ft-held", "--interval", str(interval))
+        survivor = run_daemon(pg_db_url, "--job-id", "ft-held", "--interval", str(interval))
         wait_until(lambda: "eventsync running" in survivor.stderr())
         doomed.proc.kill()
         killed_at = datetime.now(UTC)
@@ -196,15 +154,15 @@ def test_queued_jobs_are_polled_less_often_than_running_ones(
 
 
 def test_a_second_daemon_on_one_sqlite_file_is_refused(
-    fake: FakeTogether, tmp_path: Path, replicas
+    fake: FakeTogether, tmp_path: Path, run_daemon
 ) -> None:
     """SQLite serves one daemon: the second gets a one-line error at start (exit 1), and the
     first keeps running."""
     url = f"sqlite:///{tmp_path / 'one.db'}"
     fake.add_job("ft-1", events=2)
-    first = replicas(url, "--job-id", "ft-1")
+    first = run_daemon(url, "--job-id", "ft-1")
     wait_until(lambda: "eventsync running" in first.stderr())
-    second = replicas(url, "--job-id", "ft-1")
+    second = run_daemon(url, "--job-id", "ft-1")
     assert second.proc.wait(timeout=EVENTUALLY) == 1
     lines = second.stderr().strip().splitlines()
     assert len(lines) == 1, lines
