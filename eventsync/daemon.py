@@ -232,8 +232,10 @@ class Daemon:
             log.warning("could not renew this daemon's leases: %s", first_line(exc))
 
     def request_stop(self) -> None:
-        with self._lock:
-            self.stop.set()
+        """Stop taking jobs. Not under the lock: a worker may hold it through a claim that the
+        database is slow to answer, and the grace must still run. A claim under way when
+        this lands is seen by wait_for_pass, which counts work under the same lock."""
+        self.stop.set()
         self._wake.set()
 
     def wait_for_pass(self, timeout: float) -> bool:
