@@ -245,13 +245,14 @@ def read_pty(master: int) -> bytes:
 
 
 @contextmanager
-def events_never_answered(fake: FakeTogether) -> Iterator[threading.Event]:
-    """Requests for events hang until the block ends (then they are served as usual). Yields
-    an Event set once the first such request arrived."""
+def events_never_answered(fake: FakeTogether, job_id: str = "") -> Iterator[threading.Event]:
+    """Requests for events (of `job_id` only, if given) hang until the block ends, then are
+    served as usual. Yields an Event set once the first such request arrived."""
     stuck, answer = threading.Event(), threading.Event()
+    suffix = f"/{job_id}/events" if job_id else "/events"
 
     def never_answer(path: str) -> None:
-        if path.endswith("/events"):
+        if path.endswith(suffix):
             stuck.set()
             answer.wait()
 

@@ -20,6 +20,7 @@ from eventsync.testing import FakeTogether
 from tests.helpers import (
     EVENTUALLY,
     event_counts,
+    events_never_answered,
     wait_until,
 )
 
@@ -117,15 +118,7 @@ def test_a_stalled_job_delays_no_other(fake: FakeTogether, engine: Engine, start
     for job_id in others:
         fake.add_job(job_id, events=2)
     fake.add_job("ft-stall", events=2)
-    stuck, answer = threading.Event(), threading.Event()
-
-    def stall(path: str) -> None:
-        if path.endswith("/ft-stall/events"):
-            stuck.set()
-            answer.wait()
-
-    fake.override = stall
-    try:
+    with events_never_answered(fake, "ft-stall") as stuck:
         daemon = start_daemon("--all-jobs", env={"EVENTSYNC_REQUEST_DEADLINE": "600"})
         wait_until(lambda: all(event_counts(engine).get(j) == 2 for j in others))
         wait_until(stuck.is_set)
@@ -135,9 +128,6 @@ def test_a_stalled_job_delays_no_other(fake: FakeTogether, engine: Engine, start
             wait_until(lambda r=round_: all(event_counts(engine).get(j) == r for j in others))
         assert "ft-stall" not in event_counts(engine)  # still hanging all along
         assert daemon.proc.poll() is None
-    finally:
-        answer.set()
-        wait_until(lambda: fake.in_flight == 0)
 
 
 def test_queued_jobs_are_polled_less_often_than_running_ones(
