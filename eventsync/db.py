@@ -20,7 +20,7 @@ from eventsync.errors import ConfigError
 from eventsync.jsonio import column_text
 
 # Every schema revision in migrations/versions, oldest first; the database must be at HEAD.
-REVISIONS = ("0001", "0002", "0003", "0004", "0005")
+REVISIONS = ("0001", "0002", "0003", "0004", "0005", "0006")
 HEAD = REVISIONS[-1]
 # How long a SQLite connection waits for another process's write lock.
 SQLITE_BUSY_SECONDS = 30

@@ -159,3 +159,110 @@ tasks_table = Table(
     Column("lease_owner", String),
     Column("lease_until", UTCDateTime()),
 )
+
+# One fine-tuning job's record (FinetuneResponse): the listing's truncated entry at first, the
+# full record (`GET /fine-tunes/{id}`) once fetched; columns for what users filter on, `raw`
+# for the rest. Every job the listing shows has a row; the followed ones get the full record.
+jobs_table = Table(
+    "fine_tune_jobs",
+    metadata,
+    Column("job_id", String, primary_key=True),
+    Column("status", String),
+    Column("model", String),
+    Column("created_at", UTCDateTime()),
+    Column("updated_at", UTCDateTime()),
+    Column("started_at", UTCDateTime()),
+    Column("training_file", Text),
+    Column("validation_file", Text),
+    Column("n_epochs", BigInteger),
+    Column("n_checkpoints", BigInteger),
+    Column("n_evals", BigInteger),
+    Column("batch_size", BigInteger),  # NULL for the API's "max" (raw keeps it)
+    Column("learning_rate", Double),
+    Column("lr_scheduler", String),  # lr_scheduler.lr_scheduler_type
+    Column("warmup_ratio", Double),
+    Column("max_grad_norm", Double),
+    Column("weight_decay", Double),
+    Column("training_type", String),  # training_type.type: Full or Lora
+    Column("lora_r", BigInteger),
+    Column("lora_alpha", BigInteger),
+    Column("lora_dropout", Double),
+    Column("lora_trainable_modules", Text),
+    Column("training_method", String),  # training_method.method: sft or dpo
+    Column("suffix", Text),
+    Column("model_output_name", Text),
+    Column("token_count", BigInteger),
+    Column("param_count", BigInteger),
+    Column("total_price", BigInteger),
+    Column("epochs_completed", BigInteger),
+    Column("wandb_url", Text),
+    Column("raw", RawJSON(), nullable=False),
+    # sha256 of the canonical JSON of the record as received: equal means nothing to write.
+    Column("content_hash", String(64), nullable=False),
+    Column("repairs", RawJSON()),
+    # When the full record was last fetched; NULL while only the listing's entry is known, or
+    # once the listing shows a new status or updated_at (the record is then fetched again).
+    Column("record_fetched_at", UTCDateTime()),
+    Column("checkpoints_fetched_at", UTCDateTime()),
+    Column("first_seen_at", UTCDateTime(), server_default=func.now(), nullable=False),
+    Column("stored_at", UTCDateTime()),
+    Index("ix_fine_tune_jobs_status", "status"),
+    Index("ix_fine_tune_jobs_model", "model"),
+)
+
+# Each status a job was seen in, when eventsync first saw it: queue and training times.
+status_history_table = Table(
+    "fine_tune_job_status_history",
+    metadata,
+    Column("id", RowId, primary_key=True, autoincrement=True),
+    Column("job_id", String, nullable=False),
+    Column("status", String),
+    Column("seen_at", UTCDateTime(), nullable=False),  # eventsync's clock
+    Column("updated_at", UTCDateTime()),  # the record's updated_at when the status was seen
+    Index("ix_fine_tune_job_status_history_job_id_seen_at", "job_id", "seen_at"),
+)
+
+# One training-metrics snapshot (`GET /fine-tunes/{id}/metrics`), unique per job by content.
+metrics_table = Table(
+    "fine_tune_metrics",
+    metadata,
+    Column("id", RowId, primary_key=True, autoincrement=True),
+    Column("job_id", String, nullable=False),
+    Column("seq", Integer, nullable=False),  # order first seen, per job
+    Column("global_step", BigInteger),
+    Column("train_loss", Double),
+    Column("eval_loss", Double),
+    Column("learning_rate", Double),
+    Column("raw", RawJSON(), nullable=False),
+    Column("content_hash", String(64), nullable=False),
+    Column("repairs", RawJSON()),
+    Column("first_seen_at", UTCDateTime(), server_default=func.now(), nullable=False),
+    UniqueConstraint("job_id", "content_hash", name="uq_fine_tune_metrics_job_id_content_hash"),
+    Index("ix_fine_tune_metrics_job_id_global_step", "job_id", "global_step"),
+)
+
+# One checkpoint (`GET /fine-tunes/{id}/checkpoints`, FineTuneCheckpoint), unique per job by
+# its path (or, without a usable path, its content).
+checkpoints_table = Table(
+    "fine_tune_checkpoints",
+    metadata,
+    Column("id", RowId, primary_key=True, autoincrement=True),
+    Column("job_id", String, nullable=False),
+    Column("checkpoint_key", String, nullable=False),
+    Column("step", BigInteger),
+    Column("created_at", UTCDateTime()),
+    Column("path", Text),
+    Column("checkpoint_type", Text),
+    Column("checkpoint", String),
+    Column("object_id", Text),
+    Column("object_name", Text),
+    Column("object_revision_id", Text),
+    Column("raw", RawJSON(), nullable=False),
+    Column("content_hash", String(64), nullable=False),
+    Column("repairs", RawJSON()),
+    Column("first_seen_at", UTCDateTime(), server_default=func.now(), nullable=False),
+    Column("updated_at", UTCDateTime()),
+    UniqueConstraint(
+        "job_id", "checkpoint_key", name="uq_fine_tune_checkpoints_job_id_checkpoint_key"
+    ),
+)

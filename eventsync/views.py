@@ -93,11 +93,97 @@ LEFT JOIN sync_state s ON s.job_id = j.job_id
 """
 
 
-CHECKPOINTS_SQL = """
-CREATE VIEW fine_tune_checkpoints AS
+CHECKPOINT_EVENTS_SQL = """
+CREATE VIEW fine_tune_checkpoint_events AS
 SELECT job_id, step, checkpoint_path, created_at
 FROM fine_tune_events
 WHERE lower(type) = 'checkpoint_save'
+"""
+
+TERMINAL = "'completed', 'cancelled', 'error', 'user_error'"
+
+
+def _metric(column: str, *, order: str, value: str | None = None) -> str:
+    """One value of the job's metrics: `value` of the snapshot first in `order` among those
+    with `column` set."""
+    return (
+        f"(SELECT m.{value or column} FROM fine_tune_metrics m WHERE m.job_id = j.job_id "
+        f"AND m.{column} IS NOT NULL ORDER BY {order} LIMIT 1)"
+    )
+
+
+def runs_sql(dialect: str) -> str:
+    """One row per job: its settings beside its final and best loss, and its cost."""
+    last = "m.global_step DESC, m.seq DESC"
+    return f"""
+CREATE VIEW fine_tune_runs AS
+SELECT
+    j.job_id,
+    j.model,
+    j.status,
+    j.learning_rate,
+    j.n_epochs,
+    j.batch_size,
+    j.training_type,
+    j.lora_r,
+    j.lr_scheduler,
+    j.created_at,
+    {_metric("train_loss", order=last)} AS final_train_loss,
+    {_metric("train_loss", order="m.train_loss ASC, m.global_step ASC")} AS best_train_loss,
+    {_metric("train_loss", order="m.train_loss ASC, m.global_step ASC", value="global_step")}
+        AS best_train_step,
+    {_metric("eval_loss", order=last)} AS final_eval_loss,
+    {_metric("eval_loss", order="m.eval_loss ASC, m.global_step ASC")} AS best_eval_loss,
+    {_metric("eval_loss", order="m.eval_loss ASC, m.global_step ASC", value="global_step")}
+        AS best_eval_step,
+    (SELECT MAX(m.global_step) FROM fine_tune_metrics m WHERE m.job_id = j.job_id) AS last_step,
+    (SELECT COUNT(*) FROM fine_tune_metrics m WHERE m.job_id = j.job_id) AS snapshots,
+    j.token_count,
+    j.total_price,
+    CASE WHEN j.token_count > 0
+        THEN CAST(j.total_price AS DOUBLE PRECISION) / j.token_count END AS price_per_token,
+    (SELECT COUNT(*) FROM fine_tune_checkpoints c WHERE c.job_id = j.job_id) AS checkpoints
+FROM fine_tune_jobs j
+"""
+
+
+def _first_seen(where: str) -> str:
+    return (
+        "(SELECT MIN(COALESCE(h.updated_at, h.seen_at)) FROM fine_tune_job_status_history h "
+        f"WHERE h.job_id = j.job_id AND {where})"
+    )
+
+
+def job_times_sql(dialect: str) -> str:
+    """When each job was created, started training and ended, from its status history."""
+    seen_running = _first_seen("h.status = 'running'")
+    between = _seconds_between
+    return f"""
+CREATE VIEW fine_tune_job_times AS
+SELECT
+    t.*,
+    {between(dialect, "t.created_at", "t.running_at")} AS queued_seconds,
+    {between(dialect, "t.running_at", "t.ended_at")} AS training_seconds
+FROM (
+    SELECT
+        j.job_id,
+        j.status,
+        j.created_at,
+        COALESCE({seen_running}, j.started_at) AS running_at,
+        {_first_seen(f"h.status IN ({TERMINAL})")} AS ended_at
+    FROM fine_tune_jobs j
+) t
+"""
+
+
+LATEST_CHECKPOINTS_SQL = """
+CREATE VIEW fine_tune_latest_checkpoints AS
+SELECT c.job_id, c.step, c.created_at, c.path, c.checkpoint_type, c.checkpoint, c.object_name
+FROM fine_tune_checkpoints c
+WHERE c.id = (
+    SELECT x.id FROM fine_tune_checkpoints x WHERE x.job_id = c.job_id
+    ORDER BY x.step DESC, x.created_at DESC, x.id DESC LIMIT 1
+)
 """
 
 
@@ -105,5 +191,8 @@ def definitions(dialect: str) -> dict[str, str]:
     """Each view's name and its current CREATE VIEW statement, for a dialect."""
     return {
         "fine_tune_job_summary": job_summary_sql(dialect),
-        "fine_tune_checkpoints": CHECKPOINTS_SQL,
+        "fine_tune_checkpoint_events": CHECKPOINT_EVENTS_SQL,
+        "fine_tune_runs": runs_sql(dialect),
+        "fine_tune_job_times": job_times_sql(dialect),
+        "fine_tune_latest_checkpoints": LATEST_CHECKPOINTS_SQL,
     }
