@@ -7,7 +7,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Generator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 from urllib.parse import quote
@@ -56,6 +56,8 @@ class Job:
     id: str
     status: str | None
     model: str | None = None
+    # The listing's entry for the job, as sent (fine_tune_jobs is fed from it).
+    record: dict[str, Any] | None = field(default=None, compare=False, repr=False)
 
 
 MIB = 1024 * 1024
@@ -131,9 +133,34 @@ class RetryPolicy:
 RETRY_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
 
 
+class Endpoints:
+    """Which optional endpoints the API lacks, learnt once per process (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._missing: set[str] = set()
+        self._lock = threading.Lock()
+
+    def missing(self, name: str) -> bool:
+        return name in self._missing
+
+    def note_missing(self, name: str, error: NotFoundError) -> None:
+        with self._lock:
+            if name in self._missing:
+                return
+            self._missing.add(name)
+        log.info(
+            "the API has no %s endpoint (HTTP 404, as an older deployment answers); job %s "
+            "are not stored until eventsync restarts",
+            name,
+            name,
+            extra={"endpoint": name, "status_code": error.status_code},
+        )
+
+
 class TogetherClient:
-    """`GET /fine-tunes`, `/fine-tunes/{id}` and `/fine-tunes/{id}/events`, with errors mapped
-    and transient failures retried. Thread-safe: one client serves every worker."""
+    """`GET /fine-tunes`, `/fine-tunes/{id}` and its `/events`, `/metrics` and `/checkpoints`,
+    with errors mapped and transient failures retried. Thread-safe: one client serves every
+    worker."""
 
     def __init__(self, http: httpx.Client, key: ApiKey, retry: RetryPolicy | None = None) -> None:
         self.http = http
@@ -145,6 +172,7 @@ class TogetherClient:
         # Whether the server has answered anything yet; until it has, a failed connect means a
         # wrong URL or no network, which no retry fixes.
         self._answered = False
+        self.endpoints = Endpoints()
 
     @classmethod
     def from_settings(cls, http: httpx.Client, settings: Settings) -> TogetherClient:
@@ -153,7 +181,7 @@ class TogetherClient:
 
     def list_jobs(self) -> list[Job]:
         try:
-            listing = self._parsed("/fine-tunes", _JobList, what="listing jobs")
+            listing, entries = self._get("/fine-tunes", _listing, what="listing jobs")
         except NotFoundError as exc:
             # No listing at all means the base URL is wrong, not that a job is unknown.
             raise ApiStatusError(
@@ -162,11 +190,32 @@ class TogetherClient:
                 status_code=404,
                 api_message=exc.api_message,
             ) from None
-        return [Job(id=j.id, status=j.status, model=j.model) for j in listing.data]
+        return [
+            Job(id=j.id, status=j.status, model=j.model, record=entry)
+            for j, entry in zip(listing.data, entries, strict=True)
+        ]
 
     def get_job(self, job_id: str) -> Job:
         job = self._parsed(f"/fine-tunes/{_path_id(job_id)}", _Job, what=f"job {job_id}")
         return Job(id=job.id, status=job.status, model=job.model)
+
+    def job_record(self, job_id: str) -> Any:
+        """The job's full record (FinetuneResponse), decoded, as sent."""
+        what = f"job {job_id} record"
+        return self._get(f"/fine-tunes/{_path_id(job_id)}", lambda c: _json(c, what), what=what)
+
+    def job_metrics(self, job_id: str, *, global_step_from: int | None = None) -> Any:
+        """The job's metrics snapshots (the `metrics` list), from `global_step_from` on."""
+        what = f"job {job_id} metrics"
+        query = "" if global_step_from is None else f"?global_step_from={global_step_from}"
+        path = f"/fine-tunes/{_path_id(job_id)}/metrics{query}"
+        return self._get(path, lambda c: _member(c, "metrics", what), what=what)
+
+    def job_checkpoints(self, job_id: str) -> Any:
+        """The job's checkpoints (the `data` list)."""
+        what = f"job {job_id} checkpoints"
+        path = f"/fine-tunes/{_path_id(job_id)}/checkpoints"
+        return self._get(path, lambda c: _member(c, "data", what), what=what)
 
     def job_events(self, job_id: str, read: Callable[[bytes], T]) -> T:
         """The job's events body, as `read` reads it. A PayloadError from `read` (a body
@@ -323,16 +372,38 @@ def _error_body(response: httpx.Response) -> bytes:
 
 
 def _validated(shape: type[Shape], content: bytes, what: str) -> Shape:
-    try:
-        value = decode(content).value
-    except ValueError as exc:
-        raise PayloadError(f"{what}: bad payload: body is not JSON ({exc})") from None
+    return _shaped(shape, _json(content, what), what)
+
+
+def _shaped(shape: type[Shape], value: Any, what: str) -> Shape:
     try:
         return shape.model_validate(value)
     except ValidationError as exc:
         raise PayloadError(
             f"{what}: bad payload: unexpected shape ({_first_problem(exc)})"
         ) from None
+
+
+def _json(content: bytes, what: str) -> Any:
+    try:
+        return decode(content).value
+    except ValueError as exc:
+        raise PayloadError(f"{what}: bad payload: body is not JSON ({exc})") from None
+
+
+def _member(content: bytes, name: str, what: str) -> Any:
+    """The list under `name` in a JSON object body; PayloadError for any other shape."""
+    body = _json(content, what)
+    value = body.get(name) if isinstance(body, dict) else None
+    if not isinstance(value, list):
+        raise PayloadError(f"{what}: bad payload: unexpected shape ({name}: not a list)")
+    return value
+
+
+def _listing(content: bytes) -> tuple[_JobList, list[Any]]:
+    """The listing validated for what the sync needs, and its entries as sent."""
+    body = _json(content, "listing jobs")
+    return _shaped(_JobList, body, "listing jobs"), list(body["data"])
 
 
 def _path_id(job_id: str) -> str:

@@ -194,6 +194,8 @@ class Settings:
     base_url: str = _setting(DEFAULT_BASE_URL, _base_url, env="TOGETHER_BASE_URL")
     job_ids: tuple[str, ...] = _setting((), _job_ids)
     all_jobs: bool = _setting(False, _boolean)
+    # Each job's record, metrics and checkpoints beside its events (eventsync.history).
+    history: bool = _setting(True, _boolean)
     concurrency: int = _setting(8, _integer, low=1, high=256)
     timeout: float = _setting(30.0, _number, above=0)  # seconds per HTTP read
     connect_timeout: float = _setting(10.0, _number, above=0)

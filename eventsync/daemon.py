@@ -24,7 +24,7 @@ from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
-from eventsync import schedule, state
+from eventsync import history, schedule, state
 from eventsync.client import Job, TogetherClient
 from eventsync.config import Settings
 from eventsync.db import write_transaction
@@ -98,7 +98,9 @@ class Daemon:
         with self.engine.connect() as connection:
             seen = state.known_jobs(connection, [job_id]).get(job_id)
         job = Job(job_id, seen.status if seen else None, seen.model if seen else None)
-        outcome = sync_job(self.client, self.engine, plan_for(job, seen))
+        outcome = sync_job(
+            self.client, self.engine, plan_for(job, seen), history=self.settings.history
+        )
         ok = outcome.error is None
         s = self.settings
         due = schedule.next_poll(
@@ -217,6 +219,7 @@ class Daemon:
             again = state.note_listing(
                 connection, listed, configured=s.job_ids, all_jobs=s.all_jobs, now=now
             )
+            history.note_listing(connection, listed, now=now)
         for job_id in again:
             log.info("job %s is active again; polling it again", job_id, extra={"job_id": job_id})
         self._wake.set()  # idle workers look for what the listing made due

@@ -144,10 +144,17 @@ def _validated(objects: list[dict[str, Any]]) -> Iterator[tuple[dict[str, Any], 
 
 def _columns_of(raw: dict[str, Any], repairs: list[str]) -> dict[str, Any]:
     """Validate one event alone, nulling each field that doesn't fit and noting why."""
-    candidate = {k: raw[k] for k in API_FIELDS if k in raw}
+    return fit_columns(_EVENT, {k: raw[k] for k in API_FIELDS if k in raw}, repairs)
+
+
+def fit_columns(
+    adapter: TypeAdapter[Any], candidate: dict[str, Any], repairs: list[str]
+) -> dict[str, Any]:
+    """`candidate` validated by `adapter` (a TypedDict's), each field that doesn't fit
+    dropped and noted in `repairs` as FIELD:WHY."""
     while True:
         try:
-            return dict(_EVENT.validate_python(candidate))
+            return dict(adapter.validate_python(candidate))
         except ValidationError as exc:
             for err in exc.errors():
                 name = str(err["loc"][0])
@@ -188,7 +195,7 @@ def parse_events(data: list[Any], *, careful: bool = False, consume: bool = Fals
         hash_ = columns.get("hash") or None
         # Text that Postgres can't hold shows in the canonical form: an escaped NUL, or (only
         # on jsonio's careful path) bytes that aren't UTF-8. Most events have neither.
-        dirty = b"\\u0000" in text or (not text.isascii() and not _is_utf8(text))
+        dirty = b"\\u0000" in text or (not text.isascii() and not is_utf8(text))
         if dirty:
             _clean_columns(columns, repairs)
 
@@ -212,7 +219,7 @@ def parse_events(data: list[Any], *, careful: bool = False, consume: bool = Fals
             repairs.append("type:too_long")
 
         # The canonical text is the event as JSON already: stored as is, unless escaped.
-        raw_text = (dirty and _escaped_raw_text(raw, repairs)) or text.decode()
+        raw_text = (dirty and escaped_raw_text(raw, repairs)) or text.decode()
         repairs_text = None
         if repairs:
             result.repairs.update(repairs)
@@ -234,7 +241,7 @@ def _hash_key(hash_: str) -> str:
     return f"hs:{_sha256(hash_)}"
 
 
-def _clean_text(value: str) -> str:
+def clean_text(value: str) -> str:
     """Postgres text can hold neither NUL nor lone surrogates: both become U+FFFD."""
     if "\x00" in value:
         value = value.replace("\x00", "\ufffd")
@@ -249,7 +256,7 @@ _SURROGATE = re.compile(r"[\ud800-\udfff]")
 def _escape_raw(value: Any) -> Any:
     """`raw` with NULs kept as the visible escape `\\u0000` and lone surrogates replaced."""
     if isinstance(value, str):
-        return _clean_text(value.replace("\x00", "\\u0000"))
+        return clean_text(value.replace("\x00", "\\u0000"))
     if isinstance(value, dict):
         return {_escape_raw(k): _escape_raw(v) for k, v in value.items()}
     if isinstance(value, list):
@@ -262,13 +269,13 @@ def _clean_columns(columns: dict[str, Any], repairs: list[str]) -> None:
     for name in _TEXT_FIELDS:
         value = columns.get(name)
         if value is not None:
-            cleaned = _clean_text(value)
+            cleaned = clean_text(value)
             if cleaned != value:
                 repairs.append(f"{name}:nul_or_surrogate")
                 columns[name] = cleaned
 
 
-def _escaped_raw_text(raw: dict[str, Any], repairs: list[str]) -> str | None:
+def escaped_raw_text(raw: dict[str, Any], repairs: list[str]) -> str | None:
     """The raw event's JSON text with NULs and lone surrogates escaped; None if it has none."""
     escaped = _escape_raw(raw)
     if escaped == raw:
@@ -281,7 +288,7 @@ def _sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
-def _is_utf8(data: bytes) -> bool:
+def is_utf8(data: bytes) -> bool:
     try:
         data.decode("utf-8")
     except UnicodeDecodeError:

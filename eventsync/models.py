@@ -203,7 +203,8 @@ jobs_table = Table(
     # When the full record was last fetched; NULL while only the listing's entry is known, or
     # once the listing shows a new status or updated_at (the record is then fetched again).
     Column("record_fetched_at", UTCDateTime()),
-    Column("checkpoints_fetched_at", UTCDateTime()),
+    # The job's event count when its checkpoints were last fetched: fetched again once it moves.
+    Column("checkpoints_events", Integer),
     Column("first_seen_at", UTCDateTime(), server_default=func.now(), nullable=False),
     Column("stored_at", UTCDateTime()),
     Index("ix_fine_tune_jobs_status", "status"),

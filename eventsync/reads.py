@@ -20,7 +20,14 @@ from typing import Any
 from sqlalchemy import Connection, Engine, func, select, text
 
 from eventsync.errors import QueryError, QueryRefused, first_line
-from eventsync.models import events_table, state_table
+from eventsync.models import (
+    checkpoints_table,
+    events_table,
+    jobs_table,
+    metrics_table,
+    state_table,
+    status_history_table,
+)
 
 SUMMARY_COLUMNS = (
     "job_id",
@@ -34,23 +41,36 @@ SUMMARY_COLUMNS = (
     "last_message",
     "events",
     "checkpoints",
+    "train_loss",
+    "eval_loss",
     "last_synced_at",
     "last_error",
 )
 
 
-def job_summaries(connection: Connection) -> list[dict[str, Any]]:
-    """One row per job: the summary view, with the sync state's last sync and last error.
-    Jobs that are followed but have no events yet are included too."""
+def _latest_metric(column: str) -> str:
+    return (
+        f"(SELECT m.{column} FROM fine_tune_metrics m WHERE m.job_id = s.job_id "
+        f"AND m.{column} IS NOT NULL ORDER BY m.global_step DESC, m.seq DESC LIMIT 1)"
+    )
+
+
+def job_summaries(connection: Connection, job_id: str | None = None) -> list[dict[str, Any]]:
+    """One row per job (or only `job_id`'s): the summary view, with the latest loss and the
+    sync state's last sync and last error. Jobs followed but without events are included."""
     query = text(
         "SELECT s.job_id, COALESCE(v.status, s.status) AS status, s.model, v.step, "
         "v.total_steps, v.progress, v.last_event_type, v.last_event_at, v.last_message, "
         "COALESCE(v.events, 0) AS events, COALESCE(v.checkpoints, 0) AS checkpoints, "
+        f"{_latest_metric('train_loss')} AS train_loss, "
+        f"{_latest_metric('eval_loss')} AS eval_loss, "
         "s.last_synced_at, s.last_error "
         "FROM sync_state s LEFT JOIN fine_tune_job_summary v ON v.job_id = s.job_id "
+        f"{'' if job_id is None else 'WHERE s.job_id = :job '}"
         "ORDER BY s.job_id"
     )
-    return [_with_times(dict(row._mapping)) for row in connection.execute(query)]
+    rows = connection.execute(query, {} if job_id is None else {"job": job_id})
+    return [_with_times(dict(row._mapping)) for row in rows]
 
 
 def _with_times(row: dict[str, Any]) -> dict[str, Any]:
@@ -67,6 +87,43 @@ def job_known(connection: Connection, job_id: str) -> bool:
     """Whether eventsync has a state row for the job (synced, tried, or followed)."""
     query = select(state_table.c.job_id).where(state_table.c.job_id == job_id)
     return connection.execute(query).first() is not None
+
+
+def job_record(connection: Connection, job_id: str) -> dict[str, Any] | None:
+    """One job's whole record: its fine_tune_jobs row (the API's record in `raw`), how much
+    of its history is stored, its latest loss and checkpoint, and its status history. None
+    if eventsync has neither a record nor a state row for it."""
+    j, s = jobs_table.c, state_table.c
+    record = connection.execute(select(jobs_table).where(j.job_id == job_id)).first()
+    sync = connection.execute(select(state_table).where(s.job_id == job_id)).first()
+    if record is None and sync is None:
+        return None
+    found: dict[str, Any] = dict(record._mapping) if record is not None else {"job_id": job_id}
+    summary = next(iter(job_summaries(connection, job_id)), {})
+    m, c, h = metrics_table.c, checkpoints_table.c, status_history_table.c
+    found["events"] = summary.get("events", 0)
+    found["snapshots"] = connection.scalar(select(func.count()).where(m.job_id == job_id))
+    found["train_loss"] = summary.get("train_loss")
+    found["eval_loss"] = summary.get("eval_loss")
+    found["last_step"] = connection.scalar(
+        select(func.max(m.global_step)).where(m.job_id == job_id)
+    )
+    found["checkpoints"] = connection.scalar(select(func.count()).where(c.job_id == job_id))
+    latest = connection.execute(
+        select(c.step, c.path).where(c.job_id == job_id).order_by(c.step.desc(), c.id.desc())
+    ).first()
+    found["latest_checkpoint"] = latest.path if latest is not None else None
+    found["last_synced_at"] = sync.last_synced_at if sync is not None else None
+    found["last_error"] = sync.last_error if sync is not None else None
+    found["status_history"] = [
+        {"status": row.status, "seen_at": row.seen_at, "updated_at": row.updated_at}
+        for row in connection.execute(
+            select(h.status, h.seen_at, h.updated_at)
+            .where(h.job_id == job_id)
+            .order_by(h.seen_at, h.id)
+        )
+    ]
+    return found
 
 
 TIMELINE_COLUMNS = ("seq", "created_at", "type", "level", "step", "message", "checkpoint_path")

@@ -6,6 +6,7 @@ import gc
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -21,6 +22,7 @@ from eventsync.db import write_transaction
 from eventsync.errors import ApiStatusError, ConfigError, EventsyncError, StoreError, first_line
 from eventsync.events import ParsedEvents, parse_events
 from eventsync.fingerprint import Fingerprint, read_body, whole_body
+from eventsync.history import HistoryOutcome, note_listing, sync_history
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,8 @@ class JobOutcome:
     repairs: dict[str, int] = field(default_factory=dict)
     error: EventsyncError | None = None
     finished: bool = False
+    snapshots: int = 0  # new metrics snapshots stored
+    checkpoints: int = 0  # new or changed checkpoints stored
 
     @property
     def ok(self) -> bool:
@@ -109,6 +113,8 @@ def plan_jobs(
         log.warning("could not list jobs, statuses unknown this pass: %s", exc)
         listed = []
     listed = valid_ids(listed)
+    with write_transaction(engine) as connection:
+        note_listing(connection, listed, now=datetime.now(UTC))
     status = {job.id: job.status for job in listed}
     models = {job.id: job.model for job in listed}
 
@@ -199,8 +205,11 @@ class Saved:
     finished_now: bool  # this save was the last successful fetch of a job that ended
 
 
-def sync_job(client: TogetherClient, engine: Engine, plan: Plan) -> JobOutcome:
-    """Fetch, parse and store one job. Errors are returned, not raised."""
+def sync_job(
+    client: TogetherClient, engine: Engine, plan: Plan, *, history: bool = True
+) -> JobOutcome:
+    """Fetch, parse and store one job, and with `history` its record, metrics and
+    checkpoints (eventsync.history). Errors are returned, not raised."""
     job = plan.job
     outcome = JobOutcome(job_id=job.id, status=job.status)
     # A job that may have ended gets the full look, for its restart events.
@@ -222,19 +231,25 @@ def sync_job(client: TogetherClient, engine: Engine, plan: Plan) -> JobOutcome:
                 saved, parsed = _save(
                     connection, job, known, content, fingerprint, appended, parsed
                 )
+            outcome.new, outcome.updated, outcome.total = saved.new, saved.updated, saved.total
+            outcome.finished = saved.finished_now
+            extra = HistoryOutcome()
+            if history:
+                extra = sync_history(
+                    client, engine, job, finished=saved.finished_now, now=datetime.now(UTC)
+                )
         except SQLAlchemyError as exc:
             raise StoreError(f"{what}: database error: {first_line(exc)}") from None
     except EventsyncError as exc:
         outcome.error = exc
-        _record_failure(engine, job.id, exc)
+        _record_failure(engine, job.id, exc, unfinish=outcome.finished)
         return outcome
     except Exception as exc:  # a bug: report it, keep the other jobs going
         log.exception("job %s: unexpected error", job.id)
         outcome.error = EventsyncError(f"{what}: internal error: {type(exc).__name__}")
-        _record_failure(engine, job.id, outcome.error)
+        _record_failure(engine, job.id, outcome.error, unfinish=outcome.finished)
         return outcome
-    outcome.new, outcome.updated, outcome.total = saved.new, saved.updated, saved.total
-    outcome.finished = saved.finished_now
+    outcome.snapshots, outcome.checkpoints = extra.snapshots, extra.checkpoints
     if saved.finished_now:
         log.info(
             "job %s is %s: its last events are stored and it is no longer polled",
@@ -242,14 +257,15 @@ def sync_job(client: TogetherClient, engine: Engine, plan: Plan) -> JobOutcome:
             job.status,
             extra={"job_id": job.id, "status": job.status},
         )
-    if parsed is not None and parsed.repairs:
-        outcome.repairs = dict(parsed.repairs)
+    repairs = extra.repairs + (parsed.repairs if parsed is not None else Counter())
+    if repairs:
+        outcome.repairs = dict(repairs)
         log.warning(
             "job %s: repaired %d field(s) to store them: %s",
             job.id,
-            sum(parsed.repairs.values()),
-            ", ".join(f"{k} x{v}" for k, v in sorted(parsed.repairs.items())),
-            extra={"job_id": job.id, "repairs": dict(parsed.repairs)},
+            sum(repairs.values()),
+            ", ".join(f"{k} x{v}" for k, v in sorted(repairs.items())),
+            extra={"job_id": job.id, "repairs": dict(repairs)},
         )
     return outcome
 
@@ -319,12 +335,18 @@ def _whole(content: bytes, fingerprint: Fingerprint, job: Job) -> ParsedEvents:
     return parse_events(whole.events, careful=whole.careful, consume=True)
 
 
-def _record_failure(engine: Engine, job_id: str, error: EventsyncError) -> None:
+def _record_failure(
+    engine: Engine, job_id: str, error: EventsyncError, *, unfinish: bool = False
+) -> None:
+    """Note the failure on the job's state row. With `unfinish`, the job's events were stored
+    as its last but its history was not: it stays polled until that is stored too."""
     try:
         with write_transaction(engine) as connection:
             state.record_failure(
                 connection, job_id, kind=error.kind, message=str(error), now=datetime.now(UTC)
             )
+            if unfinish:
+                state.update_state(connection, job_id, {"finished_at": None})
     except SQLAlchemyError as exc:
         log.warning("job %s: could not record the failure: %s", job_id, first_line(exc))
 
@@ -337,6 +359,7 @@ def run_pass(
     concurrency: int,
     on_done: Callable[[JobOutcome], None] | None = None,
     stop: threading.Event | None = None,
+    history: bool = True,
 ) -> PassResult:
     """Sync every job, up to `concurrency` at once; each job is its own transaction.
 
@@ -347,7 +370,7 @@ def run_pass(
     def work(plan: Plan) -> JobOutcome | None:
         if stop is not None and stop.is_set():
             return None
-        return sync_job(client, engine, plan)
+        return sync_job(client, engine, plan, history=history)
 
     outcomes: list[JobOutcome] = []
     with ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="sync") as pool:

@@ -76,7 +76,7 @@ def sync_pass(
     with make_http_client(settings, event_hooks=event_hooks) as http:
         client = TogetherClient.from_settings(http, settings)
         jobs = plan_jobs(client, engine, job_ids or [], all_jobs=all_jobs, full=full)
-        return run_pass(client, engine, jobs, concurrency=concurrency)
+        return run_pass(client, engine, jobs, concurrency=concurrency, history=settings.history)
 
 
 def fetch_events(client: TogetherClient, job_id: str) -> list[Any]:

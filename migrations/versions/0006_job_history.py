@@ -173,7 +173,7 @@ def upgrade() -> None:
         sa.Column("content_hash", sa.String(length=64), nullable=False),
         sa.Column("repairs", _json()),
         _when("record_fetched_at"),
-        _when("checkpoints_fetched_at"),
+        sa.Column("checkpoints_events", sa.Integer()),
         _first_seen(),
         _when("stored_at"),
         sa.PrimaryKeyConstraint("job_id", name=op.f("pk_fine_tune_jobs")),
