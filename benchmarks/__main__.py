@@ -45,6 +45,8 @@ class Size:
     mem_jobs: tuple[int, int] = (100, 400)
     replica_jobs: tuple[int, ...] = (1000, 5000)
     replica_counts: tuple[int, ...] = (1, 3)
+    snapshots: int = 300
+    checkpoints: int = 5
 
 
 FULL = Size()
@@ -247,7 +249,13 @@ def bench_database(
 
 def _eventsync_env(base_url: str) -> dict[str, str]:
     base = {k: v for k, v in os.environ.items() if not k.startswith(("EVENTSYNC_", "TOGETHER_"))}
-    return {**base, "TOGETHER_API_KEY": KEY, "TOGETHER_BASE_URL": base_url}
+    # Events only, as the floor does; bench_history measures what the history adds.
+    return {
+        **base,
+        "TOGETHER_API_KEY": KEY,
+        "TOGETHER_BASE_URL": base_url,
+        "EVENTSYNC_HISTORY": "false",
+    }
 
 
 EVENTSYNC = str(Path(sys.executable).with_name("eventsync"))
@@ -313,6 +321,43 @@ def bench_whole_process(
             )
         )
     return rows
+
+
+def bench_history(kind: str, size: Size, runs: int, dbs: Databases, server: Server) -> list[Row]:
+    """What the jobs' records, metrics and checkpoints add to a steady pass: running jobs
+    re-polled with nothing new, with history against events only, alternating."""
+    server.load(size.jobs, size.events)
+    server.add_history(size.snapshots, size.checkpoints)
+    with_history, events_only = [], []
+    with dbs.fresh(kind) as url:
+        subjects.migrate(url).dispose()
+        cold = subjects.eventsync_pass(url, server.base_url, KEY, history=True)
+        assert cold.ok
+        for run in range(runs):
+            for history in (True, False) if run % 2 == 0 else (False, True):
+                seconds, result = timed(
+                    lambda url=url, history=history: subjects.eventsync_pass(
+                        url, server.base_url, KEY, history=history
+                    )
+                )
+                assert sum(o.snapshots for o in result.outcomes) == 0
+                (with_history if history else events_only).append(seconds)
+    mine, base = med(with_history), med(events_only)
+    return [
+        Row(
+            "steady, with history",
+            kind,
+            mine,
+            base,
+            "steady, events only",
+            base / mine,
+            "<= 1.5x events only",
+            mine <= 1.5 * base,
+            f"{size.jobs} running jobs, {size.snapshots} metrics snapshots and "
+            f"{size.checkpoints} checkpoints each, nothing new; {mine / base:.2f}x; runs: "
+            f"with {spread(with_history)}, without {spread(events_only)}",
+        )
+    ]
 
 
 def bench_startup(runs: int, dbs: Databases, server: Server) -> list[Row]:
@@ -644,6 +689,7 @@ def main(argv: list[str] | None = None) -> int:
                     peers=not args.no_peers and not args.quick,
                 )
                 rows += bench_whole_process(kind.strip(), size, runs, dbs, server)
+                rows += bench_history(kind.strip(), size, runs, dbs, server)
                 print(render(rows), "\n", flush=True)
             if not args.only_memory:
                 rows += bench_startup(runs, dbs, server)

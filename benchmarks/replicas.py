@@ -28,7 +28,12 @@ def round_seconds(url: str, server: Server, replicas: int, jobs: int) -> tuple[f
     engine = create_engine(url)
     migrate.upgrade(engine)
     base = {k: v for k, v in os.environ.items() if not k.startswith(("EVENTSYNC_", "TOGETHER_"))}
-    env = {**base, "TOGETHER_API_KEY": KEY, "TOGETHER_BASE_URL": server.base_url}
+    env = {
+        **base,
+        "TOGETHER_API_KEY": KEY,
+        "TOGETHER_BASE_URL": server.base_url,
+        "EVENTSYNC_HISTORY": "false",  # events only, as measured before the history
+    }
     exe = str(Path(sys.executable).with_name("eventsync"))
     command = [exe, "run", "--all-jobs", "--interval", "3600", "--metrics-port", "0"]
     started = time.perf_counter()

@@ -30,6 +30,11 @@ def _serve(conn: Connection) -> None:
         elif command == "add_one_each":
             for job_id in list(fake.jobs):
                 fake.add_events(job_id, 1)
+        elif command == "add_history":  # metrics snapshots and checkpoints per job
+            snapshots, checkpoints = args
+            for job_id in list(fake.jobs):
+                fake.add_metrics(job_id, snapshots)
+                fake.add_checkpoints(job_id, checkpoints)
         elif command == "truncate":
             for job_id, job in list(fake.jobs.items()):
                 fake.set_events(job_id, job.events[: args[0]])
@@ -61,6 +66,9 @@ class Server:
 
     def add_one_each(self) -> None:
         self._call("add_one_each")
+
+    def add_history(self, snapshots: int, checkpoints: int) -> None:
+        self._call("add_history", snapshots, checkpoints)
 
     def truncate(self, events: int) -> None:
         self._call("truncate", events)

@@ -16,8 +16,12 @@ from eventsync.config import Settings
 from eventsync.sync import PassResult, plan_jobs, run_pass, tune_gc
 
 
-def eventsync_pass(url: str, base_url: str, key: str, concurrency: int = 8) -> PassResult:
-    """One `eventsync sync --all-jobs` pass, in process, on an already migrated database."""
+def eventsync_pass(
+    url: str, base_url: str, key: str, concurrency: int = 8, *, history: bool = False
+) -> PassResult:
+    """One `eventsync sync --all-jobs` pass, in process, on an already migrated database:
+    events only (what the floor and the peers do), or with `history` the jobs' records,
+    metrics and checkpoints too."""
     tune_gc()  # as eventsync's main() does
     settings = Settings(
         database_url=url,
@@ -25,13 +29,14 @@ def eventsync_pass(url: str, base_url: str, key: str, concurrency: int = 8) -> P
         base_url=base_url,  # type: ignore[arg-type]
         all_jobs=True,
         concurrency=concurrency,
+        history=history,
     )
     engine = db.make_engine(settings.database_url, pool_size=concurrency)
     try:
         with make_http_client(settings) as http:
             client = TogetherClient.from_settings(http, settings)
             jobs = plan_jobs(client, engine, [], all_jobs=True)
-            result = run_pass(client, engine, jobs, concurrency=concurrency)
+            result = run_pass(client, engine, jobs, concurrency=concurrency, history=history)
     finally:
         engine.dispose()
     if not result.ok:

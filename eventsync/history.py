@@ -82,10 +82,13 @@ def note_listing(connection: Connection, listed: Sequence[Job], *, now: datetime
         row = parse_job(entry, job_id)
         before = stored.get(job_id)
         if before is None:
-            _insert_job(connection, row, now=now, full=False)
-            written += 1
+            written += _insert_job(connection, row, now=now, full=False)
             continue
-        changed = {n: row.values[n] for n in listed_fields(entry) if row.values[n] != before[n]}
+        fields = listed_fields(entry)
+        if all(row.values[n] == before[n] for n in fields):
+            continue
+        before = _locked(connection, job_id)  # as it is now: a worker may have stored more
+        changed = {n: row.values[n] for n in fields if row.values[n] != before[n]}
         if not changed:
             continue
         values: dict[str, Any] = {**changed, "stored_at": now}
@@ -100,9 +103,20 @@ def note_listing(connection: Connection, listed: Sequence[Job], *, now: datetime
     return written
 
 
-def _insert_job(connection: Connection, row: Row, *, now: datetime, full: bool) -> None:
-    connection.execute(
-        insert(jobs_table).values(
+def _locked(connection: Connection, job_id: str) -> Any:
+    """The job's row, locked until the transaction ends (on Postgres; SQLite has one writer)."""
+    query = select(jobs_table).where(jobs_table.c.job_id == job_id)
+    if connection.dialect.name == "postgresql":
+        query = query.with_for_update()
+    row = connection.execute(query).first()
+    return None if row is None else row._mapping
+
+
+def _insert_job(connection: Connection, row: Row, *, now: datetime, full: bool) -> int:
+    """Insert the job's row and its first status; 0 if another daemon inserted it first."""
+    inserted: int = connection.execute(
+        _upsert(connection, jobs_table)
+        .values(
             job_id=row.key,
             **row.values,
             raw=row.raw,
@@ -111,8 +125,11 @@ def _insert_job(connection: Connection, row: Row, *, now: datetime, full: bool) 
             record_fetched_at=now if full else None,
             stored_at=now,
         )
-    )
-    _note_status(connection, row, now=now)
+        .on_conflict_do_nothing(index_elements=["job_id"])
+    ).rowcount
+    if inserted:
+        _note_status(connection, row, now=now)
+    return inserted
 
 
 def _note_status(connection: Connection, row: Row, *, now: datetime) -> None:
@@ -129,13 +146,10 @@ def _note_status(connection: Connection, row: Row, *, now: datetime) -> None:
 def save_record(connection: Connection, row: Row, *, now: datetime) -> None:
     """Store a job's full record, noting a new status in its history."""
     j = jobs_table.c
-    query = select(j.status).where(j.job_id == row.key)
-    if connection.dialect.name == "postgresql":
-        query = query.with_for_update()
-    before = connection.execute(query).first()
-    if before is None:
-        _insert_job(connection, row, now=now, full=True)
+    before = _locked(connection, row.key)
+    if before is None and _insert_job(connection, row, now=now, full=True):
         return
+    before = before or _locked(connection, row.key)  # inserted meanwhile, by the listing
     connection.execute(
         update(jobs_table)
         .where(j.job_id == row.key)
@@ -148,7 +162,7 @@ def save_record(connection: Connection, row: Row, *, now: datetime) -> None:
             stored_at=now,
         )
     )
-    if before.status != row.values["status"]:
+    if before["status"] != row.values["status"]:
         _note_status(connection, row, now=now)
 
 
@@ -200,11 +214,8 @@ def save_checkpoints(
 ) -> int:
     """Store new and changed checkpoints; note the event count they were fetched at."""
     c = checkpoints_table.c
-    stored = dict(
-        connection.execute(
-            select(c.checkpoint_key, c.content_hash).where(c.job_id == job_id)
-        ).tuples()
-    )
+    query = select(c.checkpoint_key, c.content_hash).where(c.job_id == job_id)
+    stored = {key: digest for key, digest in connection.execute(query)}
     written = 0
     for row in rows.rows:
         values = {**row.values, "raw": row.raw, "content_hash": row.content_hash}

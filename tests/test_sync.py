@@ -198,7 +198,7 @@ def test_jobs_run_concurrently_on_reused_connections(fake: FakeTogether, engine:
     for i in range(12):
         fake.add_job(f"ft-{i}", events=3)
     fake.latency = 0.05
-    result = sync_pass(fake, engine, all_jobs=True, concurrency=4)
+    result = sync_pass(fake, engine, all_jobs=True, concurrency=4, history=False)
     assert result.ok
     assert len(result.outcomes) == 12
     assert fake.max_in_flight == 4

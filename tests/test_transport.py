@@ -91,11 +91,13 @@ def raw_client(url: str, **extra: object) -> Iterator[TogetherClient]:
 
 
 def raw_pass(url: str, engine: Engine, job_ids: list[str], **extra: object) -> PassResult:
+    """One pass against a raw server, which serves the listing and events only."""
+    extra.setdefault("history", False)
     settings = raw_settings(url, db_url=engine.url.render_as_string(hide_password=False), **extra)
     with make_http_client(settings) as http:
         client = TogetherClient.from_settings(http, settings)
         jobs = plan_jobs(client, engine, job_ids, all_jobs=False)
-        return run_pass(client, engine, jobs, concurrency=4)
+        return run_pass(client, engine, jobs, concurrency=4, history=settings.history)
 
 
 def events_body(job_id: str, n: int) -> bytes:
