@@ -304,7 +304,14 @@ def sync(
                 _print_outcome(outcome)
                 advance()
 
-            result = run_pass(client, engine, plans, concurrency=settings.concurrency, on_done=done)
+            result = run_pass(
+                client,
+                engine,
+                plans,
+                concurrency=settings.concurrency,
+                on_done=done,
+                history=settings.history,
+            )
     failed = [o for o in result.outcomes if not o.ok]
     logging.getLogger("eventsync").info(
         "pass done: %d job(s), %d new event(s), %d failed, %.2fs",
@@ -505,6 +512,49 @@ def jobs_list(setup: Setup, database_url: str | None, fmt: str) -> None:
     output.table(shown, list(shown[0]))
 
 
+@jobs_app.command("show")
+@click.argument("job_id", metavar="JOB")
+@database_url_option
+@format_option("table", "json")
+@pass_setup
+def jobs_show(setup: Setup, job_id: str, database_url: str | None, fmt: str) -> None:
+    """One job's whole record: model, hyperparameters, files, price, status history, latest
+    loss and checkpoint, and what is stored of it. --format json adds the API's record as
+    sent (raw). Reads the database only."""
+    from eventsync import reads
+
+    settings = setup.settings(database_url=database_url, job_ids=[job_id])
+    with setup.database(settings, read_only=True) as engine, engine.connect() as connection:
+        found = reads.job_record(connection, job_id)
+    if found is None:
+        fail(
+            f"job {job_id} is not in the database: sync it first (eventsync sync --job-id {job_id})"
+        )
+    if fmt == "json":
+        output.emit([found], list(found), "json")
+        return
+    history = found.pop("status_history")
+    found.pop("raw", None)
+    found.pop("content_hash", None)
+    output.table(
+        [{"field": name, "value": value} for name, value in found.items() if value is not None],
+        ["field", "value"],
+    )
+    if history:
+        output.echo("")
+        output.table(
+            [
+                {
+                    "status": h["status"],
+                    "seen": output.cell(h["seen_at"]),
+                    "record updated": output.cell(h["updated_at"]),
+                }
+                for h in history
+            ],
+            ["status", "seen", "record updated"],
+        )
+
+
 # -- reading the history: these commands read the database and never the API -------------
 
 
@@ -535,12 +585,21 @@ def status(setup: Setup, database_url: str | None, fmt: str) -> None:
             "last event": f"{r['last_event_type'] or ''} {output.ago(r['last_event_at'])}"
             if r["last_event_at"]
             else "",
+            "loss": _loss(r["train_loss"], r["eval_loss"]),
             "last sync": output.ago(r["last_synced_at"]),
             "last error": r["last_error"],
         }
         for r in rows
     ]
     output.table(shown, list(shown[0]))
+
+
+def _loss(train: float | None, evaluation: float | None) -> str:
+    """The latest train loss, and the eval loss beside it when there is one."""
+    shown = f"{train:.4g}" if train is not None else ""
+    if evaluation is not None:
+        shown += f" (eval {evaluation:.4g})"
+    return shown.strip()
 
 
 @app.command()
@@ -691,6 +750,132 @@ def sql_command(
             f"note: showing the first {max_rows:,} rows; more were cut: use --max-rows",
             err=True,
         )
+
+
+# -- pictures: these read the database only, and draw with the plot extra (matplotlib) ----
+
+
+@app.command("plot")
+@click.argument("job_ids", metavar="JOB...", nargs=-1, required=True)
+@click.option(
+    "--output",
+    "-o",
+    "output_file",
+    metavar="FILE",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="Where to write the chart; its extension picks the format: .png or .svg.",
+)
+@database_url_option
+@pass_setup
+def plot_command(
+    setup: Setup, job_ids: tuple[str, ...], output_file: str, database_url: str | None
+) -> None:
+    """Draw the train and eval loss of up to 10 jobs on one chart, a PNG or an SVG.
+
+    \b
+    Examples:
+      eventsync plot ft-1a2b -o loss.png
+      eventsync plot ft-1a2b ft-3c4d ft-5e6f -o sweep.svg
+
+    x is the global step. One colour per job, named by its id, learning rate, epochs, LoRA
+    rank (LoRA jobs) and batch size; train loss solid, eval loss dashed with markers. Every
+    stored point is drawn. Reads the database only.
+
+    \b
+    Needs matplotlib, the plot extra:
+      pip install 'eventsync[plot]'
+    """
+    from pathlib import Path
+
+    from eventsync import plot
+
+    fmt = Path(output_file).suffix.lower().removeprefix(".")
+    if fmt not in plot.FORMATS:
+        fail(f"-o {output_file}: the name must end in .png or .svg, which picks the format", code=2)
+    jobs = list(dict.fromkeys(job_ids))
+    if len(jobs) > plot.MAX_JOBS:
+        fail(f"{len(jobs)} jobs: one chart draws at most {plot.MAX_JOBS}", code=2)
+    _require_matplotlib()
+    settings = setup.settings(database_url=database_url)
+    with setup.database(settings, read_only=True) as engine, engine.connect() as connection:
+        curves = [plot.read_curves(connection, job) for job in jobs]
+    for job in curves:
+        if not job.known:
+            fail(_unknown_job(job.job_id))
+        if not job.points:
+            fail(f"no training metrics stored for job {job.job_id}: nothing to draw yet")
+    _write(output_file, plot.draw(curves, fmt=fmt))
+    points = sum(job.points for job in curves)
+    output.echo(f"{output_file}: the loss of {len(curves)} job(s), {points:,} points")
+
+
+@app.command("report")
+@click.argument("job_id", metavar="JOB")
+@click.option(
+    "--output",
+    "-o",
+    "output_file",
+    metavar="FILE",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="Where to write the page: a name ending in .html.",
+)
+@database_url_option
+@pass_setup
+def report_command(setup: Setup, job_id: str, output_file: str, database_url: str | None) -> None:
+    """Write one job's history as one HTML page that opens offline.
+
+    \b
+    Example:
+      eventsync report ft-1a2b -o ft-1a2b.html
+
+    The page holds the job's hyperparameters, its status timeline (the statuses eventsync
+    saw, and the lifecycle events), the loss curve, the checkpoints, and the errors (error
+    events and the last sync's error). It loads nothing from anywhere: inline CSS and SVG,
+    no script. Every value is escaped, long lists keep their latest 500 rows. Reads the
+    database only.
+
+    \b
+    Needs matplotlib, the plot extra:
+      pip install 'eventsync[plot]'
+    """
+    from pathlib import Path
+
+    from eventsync import report
+
+    if Path(output_file).suffix.lower() not in (".html", ".htm"):
+        fail(f"-o {output_file}: the name must end in .html", code=2)
+    _require_matplotlib()
+    settings = setup.settings(database_url=database_url)
+    with setup.database(settings, read_only=True) as engine, engine.connect() as connection:
+        found = report.read_report(connection, job_id)
+    if not found.known:
+        fail(_unknown_job(job_id))
+    _write(output_file, report.render(found).encode())
+    output.echo(f"{output_file}: the report of job {job_id}")
+
+
+def _require_matplotlib() -> None:
+    from eventsync import plot
+
+    try:
+        plot.require_matplotlib()
+    except ConfigError as exc:
+        fail(str(exc))
+
+
+def _unknown_job(job_id: str) -> str:
+    return f"unknown job {job_id}: nothing is stored for it (eventsync sync --job-id ID stores it)"
+
+
+def _write(name: str, data: bytes) -> None:
+    from pathlib import Path
+
+    try:
+        Path(name).write_bytes(data)
+    except OSError as exc:
+        fail(f"can't write {name}: {exc.strerror or exc}")
 
 
 def main() -> None:

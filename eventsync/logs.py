@@ -20,6 +20,7 @@ _QUIET = {
     "httpcore": logging.WARNING,
     "alembic": logging.WARNING,  # eventsync.migrate says what a migration did
     "apscheduler": logging.WARNING,
+    "matplotlib": logging.WARNING,  # "generated new fontManager" on first use
     # "maximum number of running instances reached": the daemon catches up by itself.
     "apscheduler.scheduler": logging.ERROR,
     "waitress": logging.WARNING,

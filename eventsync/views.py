@@ -155,7 +155,9 @@ def _first_seen(where: str) -> str:
 
 
 def job_times_sql(dialect: str) -> str:
-    """When each job was created, started training and ended, from its status history."""
+    """When each job was created, started running (the record's started_at, else when its
+    status was first seen running) and ended (when a final status was first seen, by the
+    record's updated_at), and the seconds between."""
     seen_running = _first_seen("h.status = 'running'")
     between = _seconds_between
     return f"""
@@ -169,7 +171,7 @@ FROM (
         j.job_id,
         j.status,
         j.created_at,
-        COALESCE({seen_running}, j.started_at) AS running_at,
+        COALESCE(j.started_at, {seen_running}) AS running_at,
         {_first_seen(f"h.status IN ({TERMINAL})")} AS ended_at
     FROM fine_tune_jobs j
 ) t

@@ -30,7 +30,7 @@ EXPECTED: list[list[tuple[Any, ...]]] = [
     [("ft-fail", "CUDA out of memory", "2026-11-03 09:03:00")],
     [
         (20, "s3://ckpt/ft-done/step-20", "2026-11-02 09:05:00"),
-        (40, "s3://ckpt/ft-done/step-40", "2026-11-02 09:09:00"),
+        (40, "s3://ckpt/ft-done/final", "2026-11-02 09:13:00"),
     ],
     [("2026-11-02", 11), ("2026-11-03", 3)],
     [("ft-done", "llama-8b", 600.0)],
@@ -66,6 +66,21 @@ EXPECTED: list[list[tuple[Any, ...]]] = [
         ("ft-fail", "error", "job_error", "CUDA out of memory", 3, 0),
         ("ft-run", "running", "CHECKPOINT_SAVE", "Saved checkpoint", 4, 1),
     ],
+    [
+        ("llama-8b", 0.0, 3, "ft-done", 1.1, 1.1, 1.3, 1.3),
+        ("llama-8b", 0.0, 1, "ft-run", 2.4, 2.3, 2.2, 2.0),
+    ],
+    [("ft-done", "llama-8b", 1200, 400_000, 3000.0), ("ft-run", "llama-8b", 400, 100_000, 4000.0)],
+    [
+        ("ft-done", "completed", 60.0, 720.0),
+        ("ft-fail", "error", 120.0, 60.0),
+        ("ft-run", "running", 30.0, None),
+    ],
+    [
+        ("ft-done", 40, "s3://ckpt/ft-done/final", "2026-11-02 09:13:00"),
+        ("ft-run", 25, "s3://ckpt/ft-run/step-25", "2026-11-02 10:10:00"),
+    ],
+    [("ft-run", "running", 2.0, 5, 25)],
 ]
 
 

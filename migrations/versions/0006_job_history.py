@@ -72,7 +72,7 @@ FROM (
         j.job_id,
         j.status,
         j.created_at,
-        COALESCE((SELECT MIN(COALESCE(h.updated_at, h.seen_at)) FROM fine_tune_job_status_history h WHERE h.job_id = j.job_id AND h.status = 'running'), j.started_at) AS running_at,
+        COALESCE(j.started_at, (SELECT MIN(COALESCE(h.updated_at, h.seen_at)) FROM fine_tune_job_status_history h WHERE h.job_id = j.job_id AND h.status = 'running')) AS running_at,
         (SELECT MIN(COALESCE(h.updated_at, h.seen_at)) FROM fine_tune_job_status_history h WHERE h.job_id = j.job_id AND h.status IN ('completed', 'cancelled', 'error', 'user_error')) AS ended_at
     FROM fine_tune_jobs j
 ) t
@@ -88,7 +88,7 @@ FROM (
         j.job_id,
         j.status,
         j.created_at,
-        COALESCE((SELECT MIN(COALESCE(h.updated_at, h.seen_at)) FROM fine_tune_job_status_history h WHERE h.job_id = j.job_id AND h.status = 'running'), j.started_at) AS running_at,
+        COALESCE(j.started_at, (SELECT MIN(COALESCE(h.updated_at, h.seen_at)) FROM fine_tune_job_status_history h WHERE h.job_id = j.job_id AND h.status = 'running')) AS running_at,
         (SELECT MIN(COALESCE(h.updated_at, h.seen_at)) FROM fine_tune_job_status_history h WHERE h.job_id = j.job_id AND h.status IN ('completed', 'cancelled', 'error', 'user_error')) AS ended_at
     FROM fine_tune_jobs j
 ) t
