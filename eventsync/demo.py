@@ -1,32 +1,55 @@
 """The offline demo: fine-tuning runs as they really go, served by the fake API.
 
 Runs that completed, failed with an error, were cancelled, wait in the queue, and still train
-while you watch: their events are a function of the clock, relative to when the demo started,
-so a running job gains events as time passes and `--since 2d` finds recent ones. Three runs
-differ only in their learning rate, to compare them. One job's events fail a few times first,
-as a flaky upstream would, so the failure queries have something to show.
+while you watch. Each one's events, record, training metrics and checkpoints are a function
+of the clock, relative to when the demo started: a running job gains events, loss snapshots
+and checkpoints as time passes (its token_count and total_price grow), and `--since 2d` finds
+recent ones. Three runs on one model differ only in their learning rate, to compare them:
+1e-5 learns slowly, 3e-5 reaches the lowest loss, and 1e-4 falls fastest, then stalls,
+noisily, while its eval loss creeps back up. One job's events fail a few times first, as a
+flaky upstream would, so the failure queries have something to show.
 
-    python -m eventsync.testing --demo
+    python -m eventsync.testing
 """
 
 from __future__ import annotations
 
 import hashlib
 import threading
+from bisect import bisect_right
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import cached_property
 from typing import Any
+
+from eventsync.testing import (
+    NOT_STARTED,
+    PARAM_COUNTS,
+    FakeTogether,
+    make_checkpoint,
+    make_metrics,
+    make_record,
+)
 
 LLAMA = "meta-llama/Meta-Llama-3.1-8B-Instruct-Reference"
 MISTRAL = "mistralai/Mistral-7B-Instruct-v0.2"
 QWEN = "Qwen/Qwen2.5-7B-Instruct"
+TOKENS_PER_STEP = 4096
+SNAPSHOTS = 200  # train snapshots in a whole run's metrics, about: one every few steps
+
+Timed = list[tuple[datetime, dict[str, Any]]]  # in time order
+
+
+def _until(timed: Timed, now: datetime) -> list[dict[str, Any]]:
+    return [item for _, item in timed[: bisect_right(timed, now, key=lambda pair: pair[0])]]
 
 
 @dataclass(frozen=True)
 class Run:
     """One fine-tuning job's plan: when it was created, how long it queues, how many steps
-    it trains at what pace, and how it ends (or not yet)."""
+    it trains at what pace and with which settings, and how it ends (or not yet). What the
+    API shows of it at a time is computed once, then read by bisection."""
 
     job_id: str
     model: str
@@ -41,6 +64,9 @@ class Run:
     ending: str = "completed"  # completed, error, cancelled, running (never ends), pending
     stop_step: int | None = None  # the step an error or a cancellation happens at
     error: str = "CUDA out of memory. Tried to allocate 2.00 GiB"
+    batch_size: int | str = 16
+    lora: bool = True
+    dataset: str | None = None  # runs of one dataset share their training files
 
     def _at(self, step: int) -> datetime:
         return self.created + self.queued + timedelta(minutes=1) + step * self.step_time
@@ -48,18 +74,131 @@ class Run:
     def _last_step(self) -> int:
         return self.stop_step if self.stop_step is not None else self.total_steps
 
+    def _finished(self) -> datetime:
+        return self._at(self._last_step()) + timedelta(minutes=1)
+
+    @property
+    def _log_every(self) -> int:
+        return max(1, self.total_steps // SNAPSHOTS)
+
     def status(self, now: datetime) -> str:
         """The job's status at `now`, as the listing shows it."""
         if self.ending == "pending" or now < self.created + self.queued:
             return "pending"
-        finished = self._at(self._last_step()) + timedelta(minutes=1)
-        if self.ending == "running" or now < finished:
+        if self.ending == "running" or now < self._finished():
             return "running"
         return self.ending
 
+    def step(self, now: datetime) -> int:
+        """The last step trained by `now`."""
+        if self.ending == "pending" or now < self._at(0):
+            return 0
+        return min(self._last_step(), int((now - self._at(0)) / self.step_time))
+
     def events(self, now: datetime) -> list[dict[str, Any]]:
         """Every event the API would list at `now`, in order."""
-        return [event for at, event in self._timeline() if at <= now]
+        return _until(self._events, now)
+
+    def metrics(self, now: datetime) -> list[dict[str, Any]]:
+        """The metrics snapshots logged by `now`: every few steps, an eval every tenth."""
+        return _until(self._metrics, now)
+
+    def checkpoints(self, now: datetime) -> list[dict[str, Any]]:
+        """The checkpoints saved by `now`, and the final model once it is uploaded."""
+        return _until(self._checkpoints, now)
+
+    def updated_at(self, now: datetime) -> datetime:
+        """When the job last changed, as of `now`."""
+        changed = bisect_right(self._changes, now)
+        return self._changes[changed - 1] if changed else self.created
+
+    def record(self, now: datetime) -> dict[str, Any]:
+        """The record's fields beyond id, status, model and updated_at as of `now`: the
+        settings, and what has been trained so far (as of the last change)."""
+        at = self.updated_at(now)
+        status = self.status(at)
+        step = self.step(at)
+        per_epoch = max(1, self.total_steps // self.n_epochs)
+        eval_steps = 10 * self._log_every
+        running = status == "running" and step < self._last_step()
+        fields: dict[str, Any] = {
+            "created_at": self.created,
+            "suffix": self.job_id.removeprefix("ft-"),
+            "n_epochs": self.n_epochs,
+            "n_checkpoints": self.total_steps // self.checkpoint_every,
+            "n_evals": self.total_steps // eval_steps,
+            "eval_steps": eval_steps,
+            "batch_size": self.batch_size,
+            "learning_rate": self.learning_rate,
+            "token_count": TOKENS_PER_STEP * step,
+            "epochs_completed": min(self.n_epochs, step // per_epoch),
+            "progress": {
+                "estimate_available": running,
+                "seconds_remaining": int((self._finished() - at).total_seconds()) if running else 0,
+            },
+        }
+        if not self.lora:
+            fields["training_type"] = {"type": "Full"}
+        if status not in NOT_STARTED:
+            fields["started_at"] = self.created + self.queued
+        if status == "completed":
+            final = self._checkpoints[-1][1]
+            fields["model_output_path"] = final["path"]
+            for name in ("object_id", "object_name", "object_revision_id"):
+                fields[f"model_{name}"] = final[name]
+        return make_record(
+            self.job_id, model=self.model, status=status, dataset=self.dataset, **fields
+        )
+
+    @cached_property
+    def _events(self) -> Timed:
+        return sorted(self._timeline(), key=lambda pair: pair[0])
+
+    @cached_property
+    def _metrics(self) -> Timed:
+        if self.ending == "pending":
+            return []
+        every = self._log_every
+        snapshots = make_metrics(
+            self.job_id,
+            1,
+            self._last_step(),
+            learning_rate=self.learning_rate,
+            eval_every=10 * every,
+            total_steps=self.total_steps,
+        )
+        return [
+            (self._at(s["train/global_step"]), s)
+            for s in snapshots
+            if s["train/global_step"] % every == 0 or s["train/global_step"] == self.total_steps
+        ]
+
+    @cached_property
+    def _checkpoints(self) -> Timed:
+        if self.ending == "pending":
+            return []
+        saved = [
+            (self._at(step), self._checkpoint(step, self._at(step)))
+            for step in range(self.checkpoint_every, self._last_step() + 1, self.checkpoint_every)
+            if step < self.total_steps
+        ]
+        if self.ending == "completed":
+            uploaded = self._at(self.total_steps) + timedelta(seconds=40)  # model_upload_complete
+            saved.append((uploaded, self._checkpoint(self.total_steps, uploaded, final=True)))
+        return saved
+
+    def _checkpoint(self, step: int, at: datetime, *, final: bool = False) -> dict[str, Any]:
+        return make_checkpoint(self.job_id, step, final=final, lora=self.lora, created_at=at)
+
+    @cached_property
+    def _changes(self) -> list[datetime]:
+        """Every moment the record changes: an event, a snapshot, a checkpoint, the end."""
+        times = {
+            at for timed in (self._events, self._metrics, self._checkpoints) for at, _ in timed
+        }
+        if self.ending in ("completed", "error", "cancelled"):
+            times.add(self._finished())
+        return sorted(times)
 
     def _timeline(self) -> Iterator[tuple[datetime, dict[str, Any]]]:
         start = self.created + self.queued
@@ -84,7 +223,7 @@ class Run:
         for step in range(1, last + 1):
             at = self._at(step)
             if step % self.checkpoint_every == 0 and step < self.total_steps:
-                path = f"s3://together-ft/{self.job_id}/checkpoints/step-{step}"
+                path = make_checkpoint(self.job_id, step)["path"]
                 yield (
                     at,
                     self._event(
@@ -109,7 +248,7 @@ class Run:
             stop = at + timedelta(seconds=20)
             yield stop, self._event(stop, "job_stopped", "Job stopped", step=last)
         elif self.ending == "completed":
-            model = f"s3://together-ft/{self.job_id}/model"
+            model = make_checkpoint(self.job_id, last, final=True)["path"]
             lines = [
                 ("training_complete", "Training completed"),
                 ("model_compressing", "Compressing model"),
@@ -132,8 +271,8 @@ class Run:
             "level": extra.pop("level", "info"),
             "message": message,
             "type": kind,
-            "param_count": 8_030_261_248,
-            "token_count": 4096 * step,
+            "param_count": PARAM_COUNTS.get(self.model, PARAM_COUNTS[LLAMA]),
+            "token_count": TOKENS_PER_STEP * step,
             "total_steps": self.total_steps,
             "wandb_url": "",
             "step": step,
@@ -172,17 +311,22 @@ def runs(started: datetime) -> list[Run]:
             generation="2026-08",
             ending="cancelled",
             stop_step=50,
+            batch_size="max",
+            lora=False,
         ),
+        # A quarter of the way through at the start, so the curves already differ, and
+        # training for another hour.
         *(
             Run(
                 f"ft-lr-{name}",
                 LLAMA,
-                started - timedelta(minutes=4),
+                started - timedelta(minutes=20),
                 learning_rate=lr,
                 generation="2026-08",
                 queued=timedelta(seconds=30),
-                total_steps=1200,
+                total_steps=1600,
                 ending="running",
+                dataset="support-chats",
             )
             for name, lr in (("1e-5", 1e-5), ("3e-5", 3e-5), ("1e-4", 1e-4))
         ),
@@ -201,12 +345,23 @@ class Demo:
     """The demo's runs on a fake API, kept current by a thread until `stop()`."""
 
     started: datetime = field(default_factory=lambda: datetime.now(UTC).replace(microsecond=0))
+    runs: list[Run] = field(init=False)
     _stop: threading.Event = field(default_factory=threading.Event)
 
-    def install(self, fake: Any, now: datetime | None = None) -> None:
+    def __post_init__(self) -> None:
+        self.runs = runs(self.started)
+
+    def install(self, fake: FakeTogether, now: datetime | None = None) -> None:
         """Add every run to `fake` as it stands at `now`, and make the flaky job flaky."""
-        for run in runs(self.started):
-            fake.add_job(run.job_id, generation=run.generation, model=run.model)
+        now = now or datetime.now(UTC)
+        for run in self.runs:
+            fake.add_job(
+                run.job_id,
+                generation=run.generation,
+                model=run.model,
+                status=run.status(now),
+                record={**run.record(now), "updated_at": run.updated_at(now)},
+            )
         self.refresh(fake, now)
         fake.inject(
             "status",
@@ -217,16 +372,27 @@ class Demo:
             message="upstream connect error or disconnect/reset before headers",
         )
 
-    def refresh(self, fake: Any, now: datetime | None = None) -> None:
-        """Bring every run's events and status to `now`."""
+    def refresh(self, fake: FakeTogether, now: datetime | None = None) -> None:
+        """Bring every run's events, metrics, checkpoints, record and status to `now` (which
+        only moves forward). Only what changed is set, so a tick costs little."""
         now = now or datetime.now(UTC)
-        for run in runs(self.started):
+        for run in self.runs:
+            job = fake.jobs[run.job_id]
             events = run.events(now)
-            if len(events) != len(fake.jobs[run.job_id].events):
+            if len(events) != len(job.events):
                 fake.set_events(run.job_id, events)
-            fake.set_status(run.job_id, run.status(now))
+            metrics = run.metrics(now)
+            if len(metrics) != len(job.metrics):
+                fake.set_metrics(run.job_id, metrics)
+            checkpoints = run.checkpoints(now)
+            if len(checkpoints) != len(job.checkpoints):
+                fake.set_checkpoints(run.job_id, checkpoints)
+            updated_at = run.updated_at(now)
+            if updated_at != job.updated_at:
+                fields = run.record(now)
+                fake.set_record(run.job_id, status=run.status(now), updated_at=updated_at, **fields)
 
-    def keep_current(self, fake: Any, every: float = 1.0) -> None:
+    def keep_current(self, fake: FakeTogether, every: float = 1.0) -> None:
         """Refresh `fake` every `every` seconds in a daemon thread."""
 
         def loop() -> None:

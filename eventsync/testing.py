@@ -10,7 +10,7 @@ state you change directly.
     base_url = fake.start()                   # http://127.0.0.1:PORT, serving /v1/...
     fake.add_job("ft-1", events=20)           # 20 plausible events, 2026-04 generation
     fake.add_events("ft-1", [make_event("ft-1", 20, type="checkpoint_save")])
-    fake.set_status("ft-1", "completed")
+    fake.set_status("ft-1", "completed")      # a change of status bumps updated_at
     fake.inject("status", match="/events", status=503, times=2)   # fail the next 2 fetches
     fake.stop()
 
@@ -21,7 +21,39 @@ on purpose (`FAULT_KINDS`: resets, stalls, error statuses, HTML, cut or short bo
 wrong shape). `requests`, `arrivals` and `max_in_flight` record what it was asked.
 `install_write_counter` and `writes` count the rows a database was written, by triggers.
 
-Standalone, it serves the offline demo (eventsync.demo):
+Each job has a record as well as events: the listing shows its truncated entry
+(FinetuneResponseTruncated: `LISTED_FIELDS`), `/v1/fine-tunes/{id}` the whole of it
+(FinetuneResponse), and both agree on `status` and `updated_at`. It also serves the job's
+training metrics and checkpoints:
+
+    fake.add_job("ft-2", learning_rate=3e-5, record={"batch_size": "max"}, metrics=100)
+    fake.set_record("ft-2", token_count=409_600)   # changes fields, bumps updated_at
+    fake.add_metrics("ft-2", 50)                    # steps 101-150 of the same curve
+    fake.add_checkpoints("ft-2", 2)                 # intermediate checkpoints, then:
+    fake.add_checkpoints("ft-2", [make_checkpoint("ft-2", 150, final=True)])
+    fake.metrics_endpoint = False                   # /metrics 404s, as before the route
+
+- `GET /v1/fine-tunes/{id}/metrics` answers `{"metrics": [...]}`, in order, with
+  `global_step_from` and `global_step_to` (inclusive) filtering on `train/global_step`; a
+  bound that is not an integer is a 400.
+- `GET /v1/fine-tunes/{id}/checkpoints` answers `{"data": [...]}` (FineTuneCheckpoint).
+
+The generators behind them are public, and deterministic:
+
+- `make_record(job_id, *, model, status, **fields)`: a record's fields beyond id, status,
+  model and updated_at, with plausible defaults (LoRA, SFT, cosine schedule, lr 1e-5, ...).
+- `make_metrics(job_id, start_step, count, *, learning_rate, eval_every, total_steps)`: a
+  train snapshot per step (`train/loss`, `train/learning_rate`, `train/global_step`,
+  `train/grad_norm`), and an eval snapshot (`eval/loss`) right after every `eval_every`-th.
+  The learning rate warms up, then follows a cosine; the loss falls roughly exponentially
+  toward a floor, faster for higher learning rates, with noise seeded by job and step. From
+  about 1e-4 on the floor is higher, the noise larger and the eval loss creeps back up; at
+  3e-4 and above the loss plateaus early and spikes: the curve of a rate set too high.
+- `make_checkpoint(job_id, step, *, final=False)`: an intermediate checkpoint (a LoRA
+  adapter) or the final model.
+
+Standalone, it serves the offline demo (eventsync.demo), whose jobs' records, metrics and
+checkpoints move with the clock as their events do:
 
     python -m eventsync.testing [--port 8765] [--key demo-key]
 """
@@ -31,19 +63,19 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import random
+import re
 import socket
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote, urlsplit
-
-from eventsync.demo import Demo
+from urllib.parse import parse_qs, unquote, urlsplit
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
@@ -101,19 +133,294 @@ def make_event(
     return event
 
 
+DEFAULT_MODEL = "meta-llama/Meta-Llama-3.1-8B-Instruct-Reference"
+PARAM_COUNTS = {
+    DEFAULT_MODEL: 8_030_261_248,
+    "mistralai/Mistral-7B-Instruct-v0.2": 7_241_732_096,
+    "Qwen/Qwen2.5-7B-Instruct": 7_615_616_512,
+}
+# The fields of a listing's entry (FinetuneResponseTruncated); the full record has more.
+LISTED_FIELDS = (
+    "id",
+    "status",
+    "created_at",
+    "updated_at",
+    "started_at",
+    "user_id",
+    "model",
+    "model_output_name",
+    "suffix",
+    "n_epochs",
+    "n_evals",
+    "n_checkpoints",
+    "batch_size",
+    "learning_rate",
+    "lr_scheduler",
+    "warmup_ratio",
+    "max_grad_norm",
+    "weight_decay",
+    "training_type",
+    "training_method",
+    "training_file",
+    "validation_file",
+    "total_price",
+    "token_count",
+    "wandb_project_name",
+)
+OWNER = "demo-user"  # the namespace of output models and registry objects
+WARMUP_RATIO = 0.05
+CHECKPOINT_EVERY = 100  # steps between the checkpoints add_checkpoints(job_id, n) makes
+NOT_STARTED = frozenset({"pending", "queued"})
+
+
+def stamp(at: datetime) -> str:
+    """A timestamp as the API writes it: UTC, milliseconds, Z."""
+    return at.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def price(token_count: int) -> int:
+    """What training on `token_count` tokens costs, in the API's integer total_price."""
+    return token_count * 18 // 10_000
+
+
+def _hex(*parts: object) -> str:
+    return hashlib.sha256("/".join(map(str, parts)).encode()).hexdigest()
+
+
+def make_record(
+    job_id: str,
+    *,
+    model: str = DEFAULT_MODEL,
+    status: str = "running",
+    dataset: str | None = None,
+    **fields: Any,
+) -> dict[str, Any]:
+    """A plausible job record's fields beyond id, status, model and updated_at
+    (FinetuneResponse's), with `fields` merged over them. Datetimes become timestamps, and
+    total_price follows token_count unless it is given. Records of one `dataset` (default:
+    the job's own) share their training and validation files."""
+    digest = _hex(dataset or job_id, "dataset")
+    tokens = fields.get("token_count", 4096 * 600)
+    record: dict[str, Any] = {
+        "created_at": stamp(EPOCH),
+        "started_at": stamp(EPOCH + timedelta(seconds=7)),
+        "user_id": f"user_{_hex(OWNER)[:24]}",
+        "model_output_name": f"{OWNER}/{model.rsplit('/', 1)[-1]}-{job_id}",
+        "suffix": "",
+        "n_epochs": 3,
+        "n_evals": 10,
+        "n_checkpoints": 10,
+        "batch_size": 16,
+        "learning_rate": 1e-5,
+        "lr_scheduler": {
+            "lr_scheduler_type": "cosine",
+            "lr_scheduler_args": {"min_lr_ratio": 0.0, "num_cycles": 0.5},
+        },
+        "warmup_ratio": WARMUP_RATIO,
+        "max_grad_norm": 1.0,
+        "weight_decay": 0.0,
+        "training_type": {
+            "type": "Lora",
+            "lora_r": 16,
+            "lora_alpha": 32,
+            "lora_dropout": 0.05,
+            "lora_trainable_modules": "all-linear",
+        },
+        "training_method": {"method": "sft", "train_on_inputs": "auto"},
+        "training_file": f"file-{digest[:8]}-{digest[8:12]}-{digest[12:16]}-{digest[16:28]}",
+        "validation_file": f"file-{digest[28:36]}-{digest[36:40]}-{digest[40:44]}-{digest[44:56]}",
+        "total_price": price(tokens) if isinstance(tokens, int) else 0,
+        "token_count": tokens,
+        "wandb_project_name": "fine-tuning",
+        "wandb_name": job_id,
+        "wandb_url": f"https://wandb.ai/{OWNER}/fine-tuning/runs/{job_id}",
+        "param_count": PARAM_COUNTS.get(model, 8_030_261_248),
+        "epochs_completed": 0,
+        "eval_steps": 0,
+        "queue_depth": 0,
+        "packing": True,
+        "max_seq_length": 8192,
+        "random_seed": 42,
+        "trainingfile_numlines": 12_000 + int(digest[56:60], 16) % 4000,
+        "trainingfile_size": 48_000_000 + int(digest[60:], 16) * 1000,
+        "model_output_path": "",
+        "from_checkpoint": "",
+        "progress": {"estimate_available": False, "seconds_remaining": 0},
+        "early_stopped": False,
+    }
+    if status in NOT_STARTED:
+        del record["started_at"]
+    record.update({k: stamp(v) if isinstance(v, datetime) else v for k, v in fields.items()})
+    return record
+
+
+# The loss curve: from INITIAL_LOSS toward a floor, as fast as the area under the learning
+# rate schedule grows; PACE e-folds over a whole run at 1e-5.
+INITIAL_LOSS = 2.3
+PACE = 2.0
+BEST_RATE = 3e-5  # above it, the floor rises and the noise grows
+UNSTABLE_RATE = 3e-4  # from it on, the loss spikes
+
+
+def _scheduled_rate(step: int, peak: float, total: int) -> float:
+    """Linear warmup, then a half cosine to zero at `total`."""
+    warmup = max(1, round(WARMUP_RATIO * total))
+    if step < warmup:
+        return peak * step / warmup
+    done = min(step, total) - warmup
+    return peak * 0.5 * (1 + math.cos(math.pi * done / max(1, total - warmup)))
+
+
+def _rate_area(step: int, peak: float, total: int) -> float:
+    """The schedule's integral from step 0 to `step`, in closed form."""
+    warmup = max(1, round(WARMUP_RATIO * total))
+    if step <= warmup:
+        return peak * step * step / (2 * warmup)
+    length = max(1, total - warmup)
+    done = min(step, total) - warmup
+    cosine = 0.5 * (done + length / math.pi * math.sin(math.pi * done / length))
+    return peak * (warmup / 2 + cosine)
+
+
+def _draws(job_id: str, step: int, salt: str) -> tuple[float, float, float]:
+    """A standard normal and two uniforms in [0, 1), the same for the same arguments."""
+    digest = hashlib.sha256(f"{job_id}/{step}/{salt}".encode()).digest()
+    u1, u2, u3, u4 = (int.from_bytes(digest[i : i + 8], "big") / 2**64 for i in (0, 8, 16, 24))
+    normal = math.sqrt(-2 * math.log(1 - u1)) * math.cos(2 * math.pi * u2)
+    return normal, u3, u4
+
+
+def make_metrics(
+    job_id: str,
+    start_step: int,
+    count: int,
+    *,
+    learning_rate: float = 1e-5,
+    eval_every: int = 10,
+    total_steps: int = 1000,
+) -> list[dict[str, Any]]:
+    """Metrics snapshots for steps `start_step` .. `start_step + count - 1` of a plausible
+    run: one train snapshot per step, and after every `eval_every`-th (0: never) an eval
+    snapshot of the same step. The same arguments give the same numbers."""
+    excess = max(0.0, math.log10(learning_rate / BEST_RATE))
+    floor = 0.85 + 0.45 * excess
+    spread = 0.025 * max(1.0, learning_rate / BEST_RATE) ** 0.8
+    scale = 1e-5 * total_steps / 2  # the schedule's area over a whole run at 1e-5
+    snapshots: list[dict[str, Any]] = []
+    for step in range(start_step, start_step + count):
+        left = math.exp(-PACE * _rate_area(step, learning_rate, total_steps) / scale)
+        smooth = floor + (INITIAL_LOSS - floor) * left
+        noise, grad_draw, spike = _draws(job_id, step, "train")
+        loss = smooth + spread * noise
+        if learning_rate >= UNSTABLE_RATE and spike < 0.05:
+            loss += 0.2 + 0.6 * grad_draw
+        grad_norm = (0.25 + 1.5 * left) * (0.8 + 0.4 * grad_draw)
+        snapshots.append(
+            {
+                "train/loss": round(max(0.05, loss), 4),
+                "train/learning_rate": float(
+                    f"{_scheduled_rate(step, learning_rate, total_steps):.6g}"
+                ),
+                "train/grad_norm": round(grad_norm * max(1.0, learning_rate / BEST_RATE) ** 0.5, 4),
+                "train/global_step": step,
+            }
+        )
+        if eval_every and step % eval_every == 0:
+            overfit = 0.25 * excess * (min(step, total_steps) / total_steps) ** 2
+            noise = _draws(job_id, step, "eval")[0]
+            eval_loss = smooth + 0.04 + overfit + 0.3 * spread * noise
+            snapshots.append({"eval/loss": round(eval_loss, 4), "train/global_step": step})
+    return snapshots
+
+
+def make_checkpoint(
+    job_id: str,
+    step: int,
+    *,
+    final: bool = False,
+    lora: bool = True,
+    created_at: datetime | None = None,
+) -> dict[str, Any]:
+    """A FineTuneCheckpoint: an intermediate one at `step` (a LoRA adapter, or the model for
+    full training), or the final model. `created_at` defaults to when make_event's
+    timeline reaches the step."""
+    if created_at is None:
+        created_at = EPOCH + timedelta(seconds=7 * (step + len(LIFECYCLE) - 1))
+    kind = "final" if final else f"step-{step}"
+    digest = _hex(job_id, kind)
+    return {
+        "step": step,
+        "created_at": stamp(created_at),
+        "path": f"s3://together-ft/{job_id}/" + ("model" if final else f"checkpoint-{step}"),
+        "checkpoint_type": "Final model" if final else f"Intermediate checkpoint (step {step})",
+        "checkpoint": "adapter" if lora and not final else "model",
+        "object_id": f"ml_{digest[:24]}",
+        "object_name": f"{OWNER}/{job_id}" + ("" if final else f"-step-{step}"),
+        "object_revision_id": f"rv_{digest[24:48]}",
+    }
+
+
 @dataclass
 class FakeJob:
+    """One job as the fake serves it. Change it through FakeTogether's methods, which keep
+    the serialised bodies and updated_at current."""
+
     id: str
     status: str = "running"
     generation: str = "2026-04"
-    model: str = "meta-llama/Meta-Llama-3.1-8B-Instruct-Reference"
+    model: str = DEFAULT_MODEL
     events: list[dict[str, Any]] = field(default_factory=list)
-    _body: bytes | None = None  # the serialised events, cached until they change
+    record: dict[str, Any] = field(default_factory=dict)  # the fields beyond the four here
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    checkpoints: list[dict[str, Any]] = field(default_factory=list)
+    updated_at: datetime = EPOCH
+    _bodies: dict[str, bytes] = field(default_factory=dict)  # serialised, until they change
 
     def events_body(self) -> bytes:
-        if self._body is None:
-            self._body = json.dumps({"data": self.events}).encode()
-        return self._body
+        if "events" not in self._bodies:
+            self._bodies["events"] = json.dumps({"data": self.events}).encode()
+        return self._bodies["events"]
+
+    def metrics_body(self, first: int | None = None, last: int | None = None) -> bytes:
+        """The snapshots whose train/global_step is within [first, last] (either open)."""
+        if first is None and last is None:
+            if "metrics" not in self._bodies:
+                self._bodies["metrics"] = json.dumps({"metrics": self.metrics}).encode()
+            return self._bodies["metrics"]
+        low = -math.inf if first is None else first
+        high = math.inf if last is None else last
+        chosen = [
+            m
+            for m in self.metrics
+            if isinstance(step := m.get("train/global_step"), int | float) and low <= step <= high
+        ]
+        return json.dumps({"metrics": chosen}).encode()
+
+    def checkpoints_body(self) -> bytes:
+        if "checkpoints" not in self._bodies:
+            self._bodies["checkpoints"] = json.dumps({"data": self.checkpoints}).encode()
+        return self._bodies["checkpoints"]
+
+    def full_record(self) -> dict[str, Any]:
+        """The job as `GET /fine-tunes/{id}` shows it (FinetuneResponse)."""
+        return {
+            "id": self.id,
+            "status": self.status,
+            "model": self.model,
+            "updated_at": stamp(self.updated_at),
+            **self.record,
+            "events": [],
+        }
+
+    def listed(self) -> dict[str, Any]:
+        """The job as the listing shows it (FinetuneResponseTruncated)."""
+        full = self.full_record()
+        return {**{k: full[k] for k in LISTED_FIELDS if k in full}, "events": []}
+
+    def last_step(self) -> int:
+        """The last train/global_step among the metrics, 0 with none."""
+        steps = (m.get("train/global_step") for m in reversed(self.metrics))
+        return next((int(s) for s in steps if isinstance(s, int | float)), 0)
 
 
 FAULT_KINDS = (
@@ -161,6 +468,8 @@ class FakeTogether:
         self.faults: list[Fault] = []
         self.fault_rate = 0.0  # standalone chaos mode: this share of requests fails at random
         self.injected: Counter[str] = Counter()
+        # False: /metrics answers 404, as a deployment from before the route would.
+        self.metrics_endpoint = True
         self.lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -174,13 +483,29 @@ class FakeTogether:
         status: str = "running",
         generation: str = "2026-04",
         model: str | None = None,
+        record: dict[str, Any] | None = None,
+        learning_rate: float | None = None,
+        metrics: int | list[dict[str, Any]] = 0,
+        checkpoints: int | list[dict[str, Any]] = 0,
     ) -> FakeJob:
+        """Add a job: `record` is merged over make_record's defaults, and its updated_at
+        (default: started_at, or created_at) is the job's."""
+        fields = dict(record or {})
+        if learning_rate is not None:
+            fields["learning_rate"] = learning_rate
+        model = fields.pop("model", model) or DEFAULT_MODEL
+        status = fields.pop("status", status)
+        updated_at = fields.pop("updated_at", None)
         with self.lock:
-            job = FakeJob(id=job_id, status=status, generation=generation)
-            if model is not None:
-                job.model = model
+            job = FakeJob(id=job_id, status=status, generation=generation, model=model)
+            job.record = make_record(job_id, model=model, status=status, **fields)
+            job.updated_at = _moment(
+                updated_at or job.record.get("started_at") or job.record["created_at"]
+            )
             self.jobs[job_id] = job
         self.add_events(job_id, events)
+        self.add_metrics(job_id, metrics)
+        self.add_checkpoints(job_id, checkpoints)
         return job
 
     def add_events(self, job_id: str, events: int | list[dict[str, Any]]) -> None:
@@ -192,16 +517,74 @@ class FakeTogether:
                     make_event(job_id, start + i, generation=job.generation) for i in range(events)
                 ]
             job.events.extend(events)
-            job._body = None
+            job._bodies.pop("events", None)
 
     def set_events(self, job_id: str, events: list[dict[str, Any]]) -> None:
         with self.lock:
             self.jobs[job_id].events = list(events)
-            self.jobs[job_id]._body = None
+            self.jobs[job_id]._bodies.pop("events", None)
 
-    def set_status(self, job_id: str, status: str) -> None:
+    def add_metrics(self, job_id: str, steps: int | list[dict[str, Any]]) -> None:
+        """Append snapshots: these, or make_metrics' next `steps` steps after the last one,
+        at the job's learning rate."""
         with self.lock:
-            self.jobs[job_id].status = status
+            job = self.jobs[job_id]
+            if isinstance(steps, int):
+                rate = job.record.get("learning_rate")
+                if not isinstance(rate, float) or not 0 < rate < math.inf:
+                    rate = 1e-5  # a record made hostile on purpose still gets a curve
+                steps = make_metrics(job_id, job.last_step() + 1, steps, learning_rate=rate)
+            job.metrics.extend(steps)
+            job._bodies.pop("metrics", None)
+
+    def set_metrics(self, job_id: str, metrics: list[dict[str, Any]]) -> None:
+        with self.lock:
+            self.jobs[job_id].metrics = list(metrics)
+            self.jobs[job_id]._bodies.pop("metrics", None)
+
+    def add_checkpoints(self, job_id: str, checkpoints: int | list[dict[str, Any]]) -> None:
+        """Append checkpoints: these, or `checkpoints` intermediate ones, CHECKPOINT_EVERY
+        steps apart, after the last."""
+        with self.lock:
+            job = self.jobs[job_id]
+            if isinstance(checkpoints, int):
+                last = max((int(c.get("step") or 0) for c in job.checkpoints), default=0)
+                lora = job.record.get("training_type", {}).get("type") == "Lora"
+                checkpoints = [
+                    make_checkpoint(job_id, last + CHECKPOINT_EVERY * (i + 1), lora=lora)
+                    for i in range(checkpoints)
+                ]
+            job.checkpoints.extend(checkpoints)
+            job._bodies.pop("checkpoints", None)
+
+    def set_checkpoints(self, job_id: str, checkpoints: list[dict[str, Any]]) -> None:
+        with self.lock:
+            self.jobs[job_id].checkpoints = list(checkpoints)
+            self.jobs[job_id]._bodies.pop("checkpoints", None)
+
+    def set_status(self, job_id: str, status: str, *, updated_at: datetime | None = None) -> None:
+        """Change a job's status. A change bumps updated_at (to `updated_at` if given, else
+        now); setting the status it already has changes nothing, as on the real service."""
+        with self.lock:
+            job = self.jobs[job_id]
+            if status == job.status and updated_at is None:
+                return
+            job.status = status
+            _touch(job, updated_at)
+
+    def set_record(self, job_id: str, **fields: Any) -> None:
+        """Change fields of a job's record (status and model too) and bump its updated_at,
+        to `updated_at=` if given, else now. With no fields, only bump it."""
+        with self.lock:
+            job = self.jobs[job_id]
+            updated_at = fields.pop("updated_at", None)
+            if "id" in fields:
+                raise ValueError("a job's id can't change")
+            job.status = fields.pop("status", job.status)
+            job.model = fields.pop("model", job.model)
+            for name, value in fields.items():
+                job.record[name] = stamp(value) if isinstance(value, datetime) else value
+            _touch(job, None if updated_at is None else _moment(updated_at))
 
     def reset(self) -> None:
         with self.lock:
@@ -216,6 +599,7 @@ class FakeTogether:
             self.injected.clear()
             self.latency = 0.0
             self.api_key = self._initial_key
+            self.metrics_endpoint = True
 
     def inject(self, kind: str, *, match: str = "", times: int = 1, **params: Any) -> None:
         """Fail the next `times` requests whose path contains `match` in the given way."""
@@ -263,19 +647,35 @@ class FakeTogether:
             return _error(405, "method not allowed", "invalid_request_error")
         if auth != f"Bearer {self.api_key}":
             return _error(401, "Invalid API key provided.", "invalid_api_key")
-        parts = [unquote(p) for p in urlsplit(path).path.strip("/").split("/")]
+        url = urlsplit(path)
+        parts = [unquote(p) for p in url.path.strip("/").split("/")]
         if parts[:2] != ["v1", "fine-tunes"]:
             return _error(404, f"no route for {path}", "not_found")
+        route = parts[3] if len(parts) == 4 else None
         with self.lock:
             if len(parts) == 2:
-                data = [_job_json(j) for j in self.jobs.values()]
+                data = [j.listed() for j in self.jobs.values()]
                 return 200, json.dumps({"data": data}).encode(), {}
+            if route == "metrics" and not self.metrics_endpoint:
+                return _error(404, "Not Found", "not_found")
             job = self.jobs.get(parts[2])
-            if job is None or len(parts) > 4 or (len(parts) == 4 and parts[3] != "events"):
+            if job is None or len(parts) > 4 or route not in ROUTES:
                 return _error(404, f"Fine-tune job {parts[2]!r} not found", "not_found")
-            if len(parts) == 3:
-                return 200, json.dumps(_job_json(job)).encode(), {}
-            return 200, job.events_body(), {}
+            if route is None:
+                return 200, json.dumps(job.full_record()).encode(), {}
+            if route == "events":
+                return 200, job.events_body(), {}
+            if route == "checkpoints":
+                return 200, job.checkpoints_body(), {}
+            query = parse_qs(url.query, keep_blank_values=True)
+            bounds: list[int | None] = []
+            for name in ("global_step_from", "global_step_to"):
+                value = query.get(name, [None])[-1]
+                if value is not None and not INTEGER.fullmatch(value):
+                    message = f"{name} must be an integer, got {value!r}"
+                    return _error(400, message, "invalid_parameter", param=name)
+                bounds.append(None if value is None else int(value))
+            return 200, job.metrics_body(*bounds), {}
 
     def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
         """Serve in a daemon thread; returns the base URL (without /v1)."""
@@ -390,26 +790,38 @@ def _fault_reply(fault: Fault) -> tuple[int, bytes, str]:
     return fault.status, json.dumps(body).encode(), "application/json"
 
 
-def _job_json(job: FakeJob) -> dict[str, Any]:
-    return {
-        "id": job.id,
-        "status": job.status,
-        "created_at": EPOCH.isoformat(),
-        "updated_at": EPOCH.isoformat(),
-        "model": job.model,
-    }
+ROUTES = (None, "events", "metrics", "checkpoints")  # under /v1/fine-tunes/{id}
+INTEGER = re.compile(r"[+-]?[0-9]+")
 
 
-def _error(status: int, message: str, code: str) -> tuple[int, bytes, dict[str, str]]:
+def _moment(value: datetime | str) -> datetime:
+    return value if isinstance(value, datetime) else datetime.fromisoformat(value)
+
+
+def _touch(job: FakeJob, at: datetime | None) -> None:
+    """Set updated_at to `at`, or now (and always later than before, by the millisecond the
+    API's timestamps show); a job leaving the queue gets its started_at."""
+    if at is None:
+        now = datetime.now(UTC)
+        now -= timedelta(microseconds=now.microsecond % 1000)
+        at = max(now, job.updated_at + timedelta(milliseconds=1))
+    job.updated_at = at
+    if job.status not in NOT_STARTED and "started_at" not in job.record:
+        job.record["started_at"] = stamp(at)
+
+
+def _error(
+    status: int, message: str, code: str, *, param: str | None = None
+) -> tuple[int, bytes, dict[str, str]]:
     body = {
-        "error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}
+        "error": {"message": message, "type": "invalid_request_error", "param": param, "code": code}
     }
     return status, json.dumps(body).encode(), {}
 
 
-def install_write_counter(engine: Engine) -> None:
-    """Count every row written to fine_tune_events, by triggers inside the database: the
-    proof that a pass which found nothing new wrote nothing."""
+def install_write_counter(engine: Engine, tables: Sequence[str] = ("fine_tune_events",)) -> None:
+    """Count every row written to `tables` (fine_tune_events unless told), by triggers inside
+    the database: the proof that a pass which found nothing new wrote nothing."""
     from sqlalchemy import text
 
     with engine.begin() as conn:
@@ -418,43 +830,55 @@ def install_write_counter(engine: Engine) -> None:
             conn.execute(
                 text(
                     "CREATE FUNCTION log_write() RETURNS trigger AS $$ BEGIN "
-                    "INSERT INTO write_log VALUES (TG_OP); RETURN NULL; END $$ LANGUAGE plpgsql"
+                    "INSERT INTO write_log VALUES (TG_TABLE_NAME || ':' || TG_OP); RETURN NULL; "
+                    "END $$ LANGUAGE plpgsql"
                 )
             )
-            conn.execute(
-                text(
-                    "CREATE TRIGGER count_writes AFTER INSERT OR UPDATE OR DELETE "
-                    "ON fine_tune_events FOR EACH ROW EXECUTE FUNCTION log_write()"
+        for table in tables:
+            if engine.dialect.name == "postgresql":
+                conn.execute(
+                    text(
+                        f"CREATE TRIGGER count_writes AFTER INSERT OR UPDATE OR DELETE "
+                        f"ON {table} FOR EACH ROW EXECUTE FUNCTION log_write()"
+                    )
                 )
-            )
-        else:
+                continue
             for op in ("INSERT", "UPDATE", "DELETE"):
                 conn.execute(
                     text(
-                        f"CREATE TRIGGER count_{op.lower()} AFTER {op} ON fine_tune_events "
-                        f"BEGIN INSERT INTO write_log VALUES ('{op}'); END"
+                        f"CREATE TRIGGER count_{op.lower()}_{table} AFTER {op} ON {table} "
+                        f"BEGIN INSERT INTO write_log VALUES ('{table}:{op}'); END"
                     )
                 )
 
 
 def writes(engine: Engine, *, reset: bool = False) -> dict[str, int]:
-    """Rows written to fine_tune_events since install_write_counter (or the last reset), by
-    operation: {"INSERT": 3}."""
+    """Rows written since install_write_counter (or the last reset), by operation:
+    {"INSERT": 3}, or {"fine_tune_metrics:INSERT": 3} when more than one table is counted."""
     from sqlalchemy import text
 
     with engine.begin() as conn:
         rows = conn.execute(text("SELECT op, count(*) FROM write_log GROUP BY op")).all()
         if reset:
             conn.execute(text("DELETE FROM write_log"))
-    return {op: n for op, n in rows}
+    counts: dict[str, int] = {op: n for op, n in rows}
+    if len({op.split(":")[0] for op in counts}) <= 1:  # one table: by operation alone
+        merged: dict[str, int] = {}
+        for op, n in counts.items():
+            merged[op.split(":")[-1]] = merged.get(op.split(":")[-1], 0) + n
+        return merged
+    return counts
 
 
 def main(argv: list[str] | None = None) -> None:
+    from eventsync.demo import Demo  # the demo builds on this module's generators
+
     parser = argparse.ArgumentParser(
         prog="python -m eventsync.testing",
         description="Serve a fake Together fine-tuning API on loopback: the demo's jobs "
-        "(completed, failed, cancelled, queued, and three still training, which gain events "
-        "as time passes), plus any synthetic jobs asked for.",
+        "(completed, failed, cancelled, queued, and three still training at different learning "
+        "rates, which gain events, metrics and checkpoints as time passes), plus any synthetic "
+        "jobs asked for.",
     )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8765)
