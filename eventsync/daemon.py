@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -95,12 +96,13 @@ class Daemon:
             with write_transaction(self.engine) as connection:
                 schedule.give_back(connection, job_id, owner=self.owner)
             return None
+        history_on = self.settings.history
         with self.engine.connect() as connection:
             seen = state.known_jobs(connection, [job_id]).get(job_id)
+            at = history.positions(connection, [job_id]).get(job_id) if history_on else None
         job = Job(job_id, seen.status if seen else None, seen.model if seen else None)
-        outcome = sync_job(
-            self.client, self.engine, plan_for(job, seen), history=self.settings.history
-        )
+        plan = replace(plan_for(job, seen), history=at or history.NEW_JOB)
+        outcome = sync_job(self.client, self.engine, plan, history=history_on)
         ok = outcome.error is None
         s = self.settings
         due = schedule.next_poll(

@@ -21,6 +21,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import lru_cache
 from typing import Any
 
 import orjson
@@ -34,7 +35,6 @@ from eventsync.models import (
     checkpoints_table,
     jobs_table,
     metrics_table,
-    state_table,
     status_history_table,
 )
 from eventsync.records import (
@@ -245,18 +245,65 @@ def _upsert(connection: Connection, table: Any) -> Any:
 
 # -- one job ----------------------------------------------------------------------------------
 
-_s, _j, _m = state_table.c, jobs_table.c, metrics_table.c
-_WHERE_WE_ARE = select(
-    _s.event_count,
-    _j.job_id.label("has_record"),
-    _j.record_fetched_at,
-    _j.checkpoints_events,
-    _j.status,
-    select(func.max(_m.global_step))
-    .where(_m.job_id == _s.job_id)
-    .scalar_subquery()
-    .label("last_step"),
-).select_from(state_table.outerjoin(jobs_table, _j.job_id == _s.job_id))
+
+@dataclass(frozen=True)
+class Position:
+    """How far a job's history is stored, read with the job's plan: whether its full record
+    is due, the event count its checkpoints were fetched at, its last metrics step and the
+    digests of the snapshots stored at that step."""
+
+    record_due: bool = True
+    status: str | None = None
+    checkpoints_events: int | None = None
+    last_step: int | None = None
+    at_last_step: frozenset[str] = frozenset()
+
+
+NEW_JOB = Position()
+
+
+def positions(connection: Connection, ids: Sequence[str] | None = None) -> dict[str, Position]:
+    """The Position of each job with a fine_tune_jobs row (of those among `ids`)."""
+    query = _positions_sql(connection.dialect.name)
+    if ids is not None:
+        query = query.where(jobs_table.c.job_id.in_(ids))
+    return {
+        row.job_id: Position(
+            record_due=row.record_fetched_at is None,
+            status=row.status,
+            checkpoints_events=row.checkpoints_events,
+            last_step=row.last_step,
+            at_last_step=frozenset(row.digests.split(",")) if row.digests else frozenset(),
+        )
+        for row in connection.execute(query)
+    }
+
+
+@lru_cache(maxsize=4)
+def _positions_sql(dialect: str) -> Any:
+    j, m = jobs_table.c, metrics_table.c
+    last = select(func.max(m.global_step)).where(m.job_id == j.job_id).scalar_subquery()
+    joined = (
+        func.string_agg(m.content_hash, ",")
+        if dialect == "postgresql"
+        else func.group_concat(m.content_hash, ",")
+    )
+    x = metrics_table.alias("x").c
+    at_last = select(func.max(x.global_step)).where(x.job_id == j.job_id).scalar_subquery()
+    digests = (
+        select(joined)
+        .where(m.job_id == j.job_id, m.global_step == at_last)
+        .correlate(jobs_table)
+        .scalar_subquery()
+    )
+    return select(
+        j.job_id,
+        j.record_fetched_at,
+        j.status,
+        j.checkpoints_events,
+        last.label("last_step"),
+        digests.label("digests"),
+    )
 
 
 def sync_history(
@@ -264,16 +311,20 @@ def sync_history(
     engine: Engine,
     job: Job,
     *,
+    at: Position | None,
+    events: int,
     finished: bool,
     now: datetime,
 ) -> HistoryOutcome:
-    """Fetch and store what of the job's history can have changed (module docstring). Runs
-    after its events are stored; raises the API's or the database's errors."""
+    """Fetch and store what of the job's history can have changed (module docstring), from
+    where `at` says it stands (read now if None). `events` is the job's stored event count.
+    Runs after its events are stored; raises the API's or the database's errors."""
     outcome = HistoryOutcome()
-    with engine.connect() as connection:
-        at = connection.execute(_WHERE_WE_ARE.where(_s.job_id == job.id)).one()
+    if at is None:
+        with engine.connect() as connection:
+            at = positions(connection, [job.id]).get(job.id, NEW_JOB)
     status = job.status or at.status
-    if at.has_record is None or at.record_fetched_at is None:
+    if at.record_due:
         row = parse_job(client.job_record(job.id), job.id)
         with write_transaction(engine) as connection:
             save_record(connection, row, now=now)
@@ -290,13 +341,15 @@ def sync_history(
         else:
             rows = parse_metrics(data)
             outcome.repairs.update(rows.repairs)
-            with engine.connect() as connection:
-                fresh = new_snapshots(connection, job.id, rows)
+            fresh = _beyond(rows, at)
+            if fresh is None:  # a snapshot without a step: only the database can tell
+                with engine.connect() as connection:
+                    fresh = new_snapshots(connection, job.id, rows)
             if fresh:
                 with write_transaction(engine) as connection:
                     outcome.snapshots = save_snapshots(connection, job.id, fresh)
     if not client.endpoints.missing("checkpoints") and (
-        finished or at.checkpoints_events != at.event_count
+        finished or at.checkpoints_events != events
     ):
         try:
             data = client.job_checkpoints(job.id)
@@ -307,9 +360,26 @@ def sync_history(
             outcome.repairs.update(rows.repairs)
             with write_transaction(engine) as connection:
                 outcome.checkpoints = save_checkpoints(
-                    connection, job.id, rows, events=at.event_count, now=now
+                    connection, job.id, rows, events=events, now=now
                 )
     return outcome
+
+
+def _beyond(rows: Rows, at: Position) -> list[Row] | None:
+    """The snapshots not yet stored, told from the position alone: those past the last
+    stored step, and those at it whose digest is not among the stored ones. None when a
+    snapshot has no step, or one comes before the last step (an API that ignored
+    global_step_from): the database then decides. A snapshot stored meanwhile by another
+    daemon is skipped by the insert (unique on its digest)."""
+    last = at.last_step
+    fresh = []
+    for row in rows.rows:
+        step = row.values["global_step"]
+        if step is None or (last is not None and step < last):
+            return None
+        if last is None or step > last or row.content_hash not in at.at_last_step:
+            fresh.append(row)
+    return fresh
 
 
 def _count(outcome: HistoryOutcome, repairs: str | None) -> None:

@@ -22,7 +22,14 @@ from eventsync.db import write_transaction
 from eventsync.errors import ApiStatusError, ConfigError, EventsyncError, StoreError, first_line
 from eventsync.events import ParsedEvents, parse_events
 from eventsync.fingerprint import Fingerprint, read_body, whole_body
-from eventsync.history import HistoryOutcome, note_listing, sync_history
+from eventsync.history import (
+    NEW_JOB,
+    HistoryOutcome,
+    Position,
+    note_listing,
+    positions,
+    sync_history,
+)
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +89,8 @@ class Plan:
 
     job: Job
     fingerprint: Fingerprint | None = None
+    # How far its history is stored, when read with the plan (else read when it is synced).
+    history: Position | None = None
 
 
 def plan_jobs(
@@ -115,13 +124,15 @@ def plan_jobs(
     listed = valid_ids(listed)
     with write_transaction(engine) as connection:
         note_listing(connection, listed, now=datetime.now(UTC))
+    with engine.connect() as connection:
+        stored = positions(connection)
     status = {job.id: job.status for job in listed}
     models = {job.id: job.model for job in listed}
 
     def make_plan(job_id: str) -> Plan:
-        return plan_for(
-            Job(job_id, status.get(job_id), models.get(job_id)), known.get(job_id), full
-        )
+        job = Job(job_id, status.get(job_id), models.get(job_id))
+        plan = plan_for(job, known.get(job_id), full)
+        return replace(plan, history=stored.get(job_id, NEW_JOB))
 
     plans = [make_plan(job_id) for job_id in wanted]
     if all_jobs:
@@ -236,7 +247,13 @@ def sync_job(
             extra = HistoryOutcome()
             if history:
                 extra = sync_history(
-                    client, engine, job, finished=saved.finished_now, now=datetime.now(UTC)
+                    client,
+                    engine,
+                    job,
+                    at=plan.history,
+                    events=saved.total,
+                    finished=saved.finished_now,
+                    now=datetime.now(UTC),
                 )
         except SQLAlchemyError as exc:
             raise StoreError(f"{what}: database error: {first_line(exc)}") from None
