@@ -531,6 +531,9 @@ def jobs_show(setup: Setup, job_id: str, database_url: str | None, fmt: str) -> 
             f"job {job_id} is not in the database: sync it first (eventsync sync --job-id {job_id})"
         )
     if fmt == "json":
+        found["status_history"] = [
+            {k: output.plain(v) for k, v in h.items()} for h in found["status_history"]
+        ]
         output.emit([found], list(found), "json")
         return
     history = found.pop("status_history")

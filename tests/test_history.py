@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,7 +26,7 @@ from eventsync.testing import (
     make_metrics,
     writes,
 )
-from tests.helpers import sync_pass
+from tests.helpers import run, sync_pass
 
 HISTORY_TABLES = (
     "fine_tune_jobs",
@@ -273,3 +274,39 @@ def test_incremental_metrics_store_what_one_fetch_stores(
     with engine.begin() as connection:  # the next example starts empty
         for table in (metrics_table, jobs_table, status_history_table):
             connection.execute(table.delete())
+
+
+def test_status_shows_the_loss_and_jobs_show_the_whole_record(
+    fake: FakeTogether, engine: Engine, api_env: dict[str, str], tmp_path: Path
+) -> None:
+    """`eventsync status` has the latest train and eval loss; `eventsync jobs show` gives the
+    job's record, its stored history and its status history, as a table and as JSON."""
+    url = engine.url.render_as_string(hide_password=False)
+    fake.add_job("ft-1", events=4, learning_rate=3e-5, status="queued")
+    assert (
+        run("sync", "--job-id", "ft-1", "--database-url", url, cwd=tmp_path, env=api_env).returncode
+        == 0
+    )
+    fake.set_status("ft-1", "running")
+    fake.add_metrics("ft-1", [{"train/loss": 1.25, "train/global_step": 10}])
+    fake.add_metrics("ft-1", [{"eval/loss": 1.5, "train/global_step": 10}])
+    fake.add_checkpoints("ft-1", [make_checkpoint("ft-1", 10)])
+    done = run("sync", "--job-id", "ft-1", "--database-url", url, cwd=tmp_path, env=api_env)
+    assert done.returncode == 0, done.stderr
+    status = run("status", "--database-url", url, cwd=tmp_path)
+    assert "1.25 (eval 1.5)" in status.stdout
+    shown = run("jobs", "show", "ft-1", "--database-url", url, "--format", "json", cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    (record,) = json.loads(shown.stdout)
+    assert (record["learning_rate"], record["snapshots"], record["checkpoints"]) == (3e-5, 2, 1)
+    assert (record["train_loss"], record["eval_loss"], record["last_step"]) == (1.25, 1.5, 10)
+    assert [h["status"] for h in record["status_history"]] == ["queued", "running"]
+    assert record["latest_checkpoint"] == "s3://together-ft/ft-1/checkpoint-10"
+    table = run("jobs", "show", "ft-1", "--database-url", url, cwd=tmp_path)
+    assert "learning_rate" in table.stdout
+    assert "queued" in table.stdout
+    missing = run("jobs", "show", "ft-nope", "--database-url", url, cwd=tmp_path)
+    assert missing.returncode == 1
+    assert missing.stderr.strip() == (
+        "error: job ft-nope is not in the database: sync it first (eventsync sync --job-id ft-nope)"
+    )

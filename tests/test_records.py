@@ -27,8 +27,17 @@ ANY = st.recursive(
     max_leaves=20,
 )
 KEYS = st.sampled_from(
-    [*JOB_FIELDS, *CHECKPOINT_FIELDS, "train/loss", "eval/loss", "train/global_step",
-     "train/learning_rate", "lr_scheduler", "training_method", "batch_size"]
+    [
+        *JOB_FIELDS,
+        *CHECKPOINT_FIELDS,
+        "train/loss",
+        "eval/loss",
+        "train/global_step",
+        "train/learning_rate",
+        "lr_scheduler",
+        "training_method",
+        "batch_size",
+    ]
 )
 OBJECTS = st.dictionaries(KEYS | st.text(max_size=5), ANY, max_size=12)
 BIG = 2**63
@@ -36,7 +45,9 @@ BIG = 2**63
 
 def _fits(value: object) -> bool:
     if value is None or isinstance(value, str):
-        return value is None or ("\x00" not in value and value.encode("utf-8", "strict") is not None)
+        return value is None or (
+            "\x00" not in value and value.encode("utf-8", "strict") is not None
+        )
     if isinstance(value, bool):
         return False
     if isinstance(value, int):
