@@ -134,17 +134,34 @@ RETRY_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
 
 
 class Endpoints:
-    """Which optional endpoints the API lacks, learnt once per process (thread-safe)."""
+    """Which optional endpoints the API lacks, learnt once per process (thread-safe). A 404
+    from an endpoint that has never answered in this process means the deployment lacks it
+    (an older one); after one answer, a 404 concerns that job alone."""
 
     def __init__(self) -> None:
         self._missing: set[str] = set()
+        self._answered: set[str] = set()
         self._lock = threading.Lock()
 
     def missing(self, name: str) -> bool:
         return name in self._missing
 
-    def note_missing(self, name: str, error: NotFoundError) -> None:
+    def answered(self, name: str) -> None:
+        if name not in self._answered:
+            with self._lock:
+                self._answered.add(name)
+
+    def not_found(self, name: str, job_id: str) -> None:
+        """Note a 404 from the endpoint for this job, and say so once."""
         with self._lock:
+            if name in self._answered:
+                log.info(
+                    "job %s: no %s (HTTP 404); none stored this poll",
+                    job_id,
+                    name,
+                    extra={"job_id": job_id, "endpoint": name},
+                )
+                return
             if name in self._missing:
                 return
             self._missing.add(name)
@@ -153,7 +170,7 @@ class Endpoints:
             "are not stored until eventsync restarts",
             name,
             name,
-            extra={"endpoint": name, "status_code": error.status_code},
+            extra={"endpoint": name, "status_code": 404},
         )
 
 

@@ -10,8 +10,9 @@ fetched when they can have changed and stored once each.
   one of the same step is not lost). Snapshots already stored are not written again.
 - Checkpoints: fetched when the job's event count moved since the last fetch, or it ended.
 
-An API without the metrics or checkpoints endpoint (HTTP 404 on an older deployment) is noted
-once per process and logged; that part is then skipped.
+An API without the metrics or checkpoints endpoint (HTTP 404 on an older deployment, before
+the endpoint has answered once) is noted once per process and logged; that part is then
+skipped. After an answer, a 404 means that one job has none this poll.
 """
 
 from __future__ import annotations
@@ -88,6 +89,8 @@ def note_listing(connection: Connection, listed: Sequence[Job], *, now: datetime
         if all(row.values[n] == before[n] for n in fields):
             continue
         before = _locked(connection, job_id)  # as it is now: a worker may have stored more
+        if _older(row.values["updated_at"], before["updated_at"]):
+            continue  # a full record fetched since the listing was read is newer
         changed = {n: row.values[n] for n in fields if row.values[n] != before[n]}
         if not changed:
             continue
@@ -101,6 +104,10 @@ def note_listing(connection: Connection, listed: Sequence[Job], *, now: datetime
             _note_status(connection, row, now=now)
         written += 1
     return written
+
+
+def _older(listed: datetime | None, stored: datetime | None) -> bool:
+    return listed is not None and stored is not None and listed < stored
 
 
 def _locked(connection: Connection, job_id: str) -> Any:
@@ -336,9 +343,10 @@ def sync_history(
     if not client.endpoints.missing("metrics"):
         try:
             data = client.job_metrics(job.id, global_step_from=at.last_step)
-        except NotFoundError as exc:
-            client.endpoints.note_missing("metrics", exc)
+        except NotFoundError:
+            client.endpoints.not_found("metrics", job.id)
         else:
+            client.endpoints.answered("metrics")
             rows = parse_metrics(data)
             outcome.repairs.update(rows.repairs)
             fresh = _beyond(rows, at)
@@ -353,9 +361,10 @@ def sync_history(
     ):
         try:
             data = client.job_checkpoints(job.id)
-        except NotFoundError as exc:
-            client.endpoints.note_missing("checkpoints", exc)
+        except NotFoundError:
+            client.endpoints.not_found("checkpoints", job.id)
         else:
+            client.endpoints.answered("checkpoints")
             rows = parse_checkpoints(data)
             outcome.repairs.update(rows.repairs)
             with write_transaction(engine) as connection:

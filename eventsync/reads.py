@@ -51,7 +51,7 @@ SUMMARY_COLUMNS = (
 def _latest_metric(column: str) -> str:
     return (
         f"(SELECT m.{column} FROM fine_tune_metrics m WHERE m.job_id = s.job_id "
-        f"AND m.{column} IS NOT NULL ORDER BY m.global_step DESC, m.seq DESC LIMIT 1)"
+        f"AND m.{column} IS NOT NULL ORDER BY m.global_step DESC NULLS LAST, m.seq DESC LIMIT 1)"
     )
 
 
@@ -110,7 +110,9 @@ def job_record(connection: Connection, job_id: str) -> dict[str, Any] | None:
     )
     found["checkpoints"] = connection.scalar(select(func.count()).where(c.job_id == job_id))
     latest = connection.execute(
-        select(c.step, c.path).where(c.job_id == job_id).order_by(c.step.desc(), c.id.desc())
+        select(c.step, c.path)
+        .where(c.job_id == job_id)
+        .order_by(c.step.desc().nulls_last(), c.id.desc())
     ).first()
     found["latest_checkpoint"] = latest.path if latest is not None else None
     found["last_synced_at"] = sync.last_synced_at if sync is not None else None

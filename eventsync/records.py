@@ -32,7 +32,7 @@ from eventsync.events import (
     is_utf8,
     parse_created_at,
 )
-from eventsync.jsonio import NumberText, canonical
+from eventsync.jsonio import canonical, has_number_text
 
 BigInt = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
 # Indexed text columns (status, model) are cut well below Postgres' btree limit (~2.7 kB).
@@ -114,7 +114,8 @@ _CHECKPOINT = TypeAdapter(ApiCheckpoint)
 
 # Metrics columns and the snapshot keys they are read from, first present wins.
 METRIC_KEYS: dict[str, tuple[str, ...]] = {
-    "global_step": ("train/global_step", "eval/global_step", "global_step", "step"),
+    # The key global_step_from filters on (train/global_step in the API's example).
+    "global_step": ("train/global_step", "global_step"),
     "train_loss": ("train/loss", "loss", "train_loss"),
     "eval_loss": ("eval/loss", "eval_loss", "validation/loss"),
     "learning_rate": ("train/learning_rate", "learning_rate", "lr"),
@@ -154,7 +155,7 @@ def _stored(raw: Any, repairs: list[str]) -> tuple[dict[str, Any], str, str]:
     digest = hashlib.sha256(text).hexdigest()
     dirty = b"\\u0000" in text or (not text.isascii() and not is_utf8(text))
     raw_text = (dirty and escaped_raw_text(raw, repairs)) or text.decode("utf-8", "replace")
-    if any(isinstance(v, NumberText) for v in raw.values()):
+    if has_number_text(raw):
         repairs.append("raw:number_as_text")
     return raw, raw_text, digest
 

@@ -114,7 +114,9 @@ def _metric(column: str, *, order: str, value: str | None = None) -> str:
 
 def runs_sql(dialect: str) -> str:
     """One row per job: its settings beside its final and best loss, and its cost."""
-    last = "m.global_step DESC, m.seq DESC"
+    last = "m.global_step DESC NULLS LAST, m.seq DESC"
+    best_train = "m.train_loss ASC, m.global_step ASC NULLS LAST"
+    best_eval = "m.eval_loss ASC, m.global_step ASC NULLS LAST"
     return f"""
 CREATE VIEW fine_tune_runs AS
 SELECT
@@ -129,12 +131,12 @@ SELECT
     j.lr_scheduler,
     j.created_at,
     {_metric("train_loss", order=last)} AS final_train_loss,
-    {_metric("train_loss", order="m.train_loss ASC, m.global_step ASC")} AS best_train_loss,
-    {_metric("train_loss", order="m.train_loss ASC, m.global_step ASC", value="global_step")}
+    {_metric("train_loss", order=best_train)} AS best_train_loss,
+    {_metric("train_loss", order=best_train, value="global_step")}
         AS best_train_step,
     {_metric("eval_loss", order=last)} AS final_eval_loss,
-    {_metric("eval_loss", order="m.eval_loss ASC, m.global_step ASC")} AS best_eval_loss,
-    {_metric("eval_loss", order="m.eval_loss ASC, m.global_step ASC", value="global_step")}
+    {_metric("eval_loss", order=best_eval)} AS best_eval_loss,
+    {_metric("eval_loss", order=best_eval, value="global_step")}
         AS best_eval_step,
     (SELECT MAX(m.global_step) FROM fine_tune_metrics m WHERE m.job_id = j.job_id) AS last_step,
     (SELECT COUNT(*) FROM fine_tune_metrics m WHERE m.job_id = j.job_id) AS snapshots,
@@ -184,7 +186,7 @@ SELECT c.job_id, c.step, c.created_at, c.path, c.checkpoint_type, c.checkpoint, 
 FROM fine_tune_checkpoints c
 WHERE c.id = (
     SELECT x.id FROM fine_tune_checkpoints x WHERE x.job_id = c.job_id
-    ORDER BY x.step DESC, x.created_at DESC, x.id DESC LIMIT 1
+    ORDER BY x.step DESC NULLS LAST, x.created_at DESC NULLS LAST, x.id DESC LIMIT 1
 )
 """
 

@@ -310,3 +310,77 @@ def test_status_shows_the_loss_and_jobs_show_the_whole_record(
     assert missing.stderr.strip() == (
         "error: job ft-nope is not in the database: sync it first (eventsync sync --job-id ft-nope)"
     )
+
+
+def test_a_404_for_one_job_after_the_endpoint_answered_concerns_that_job_alone(
+    fake: FakeTogether, engine: Engine
+) -> None:
+    """Once /metrics has answered, a 404 for one job (deleted meanwhile, say) skips that
+    job's metrics this poll and leaves the endpoint on for the others."""
+    for job_id in ("ft-a", "ft-b", "ft-c"):
+        fake.add_job(job_id, events=3)
+        fake.add_metrics(job_id, 5)
+    fake.inject("status", match="/ft-b/metrics", status=404)
+    result = sync_pass(fake, engine, ["ft-a", "ft-b", "ft-c"], concurrency=1)
+    assert result.ok
+    assert [o.snapshots for o in result.outcomes] == [
+        len(fake.jobs["ft-a"].metrics),
+        0,
+        len(fake.jobs["ft-c"].metrics),
+    ]
+    assert sync_pass(fake, engine, ["ft-b"]).outcomes[0].snapshots == len(fake.jobs["ft-b"].metrics)
+
+
+def test_a_listing_older_than_the_stored_record_changes_nothing(
+    fake: FakeTogether, engine: Engine
+) -> None:
+    """A listing read before a worker stored a newer full record (the daemon reads it, then
+    writes it) neither sets the status back nor adds a status row."""
+    from datetime import UTC, datetime
+
+    from eventsync.client import Job
+    from eventsync.db import write_transaction
+    from eventsync.history import note_listing
+
+    fake.add_job("ft-1", events=3)
+    stale = Job("ft-1", "running", record=fake.jobs["ft-1"].listed())
+    fake.set_status("ft-1", "completed")
+    assert sync_pass(fake, engine, ["ft-1"]).ok
+    install_write_counter(engine, tables=HISTORY_TABLES)
+    with write_transaction(engine) as connection:
+        assert note_listing(connection, [stale], now=datetime.now(UTC)) == 0
+    assert writes(engine) == {}
+    assert rows(engine, status_history_table, "ft-1", "status") == [("completed",)]
+
+
+def test_the_final_loss_is_the_last_steps_on_both_databases(
+    fake: FakeTogether, engine: Engine
+) -> None:
+    """A snapshot without a step is never the "final" one, and the newest checkpoint is the
+    highest step, on SQLite and Postgres alike (NULLs sort differently by default)."""
+    from sqlalchemy import text
+
+    fake.add_job("ft-1", events=3)
+    fake.add_metrics(
+        "ft-1",
+        [
+            {"train/loss": 1.0, "train/global_step": 10},
+            {"train/loss": 0.5, "note": "no step"},
+            {"train/loss": 0.9, "train/global_step": 20},
+        ],
+    )
+    fake.add_checkpoints(
+        "ft-1",
+        [
+            make_checkpoint("ft-1", 20),
+            {"path": "s3://x/final", "created_at": "2026-11-01T00:00:00Z"},
+        ],
+    )
+    assert sync_pass(fake, engine, ["ft-1"]).ok
+    with engine.connect() as connection:
+        final = connection.execute(
+            text("SELECT final_train_loss, best_train_loss FROM fine_tune_runs")
+        ).one()
+        newest = connection.execute(text("SELECT step FROM fine_tune_latest_checkpoints")).one()
+    assert tuple(final) == (0.9, 0.5)
+    assert tuple(newest) == (20,)

@@ -42,13 +42,13 @@ SELECT
     j.lora_r,
     j.lr_scheduler,
     j.created_at,
-    (SELECT m.train_loss FROM fine_tune_metrics m WHERE m.job_id = j.job_id AND m.train_loss IS NOT NULL ORDER BY m.global_step DESC, m.seq DESC LIMIT 1) AS final_train_loss,
-    (SELECT m.train_loss FROM fine_tune_metrics m WHERE m.job_id = j.job_id AND m.train_loss IS NOT NULL ORDER BY m.train_loss ASC, m.global_step ASC LIMIT 1) AS best_train_loss,
-    (SELECT m.global_step FROM fine_tune_metrics m WHERE m.job_id = j.job_id AND m.train_loss IS NOT NULL ORDER BY m.train_loss ASC, m.global_step ASC LIMIT 1)
+    (SELECT m.train_loss FROM fine_tune_metrics m WHERE m.job_id = j.job_id AND m.train_loss IS NOT NULL ORDER BY m.global_step DESC NULLS LAST, m.seq DESC LIMIT 1) AS final_train_loss,
+    (SELECT m.train_loss FROM fine_tune_metrics m WHERE m.job_id = j.job_id AND m.train_loss IS NOT NULL ORDER BY m.train_loss ASC, m.global_step ASC NULLS LAST LIMIT 1) AS best_train_loss,
+    (SELECT m.global_step FROM fine_tune_metrics m WHERE m.job_id = j.job_id AND m.train_loss IS NOT NULL ORDER BY m.train_loss ASC, m.global_step ASC NULLS LAST LIMIT 1)
         AS best_train_step,
-    (SELECT m.eval_loss FROM fine_tune_metrics m WHERE m.job_id = j.job_id AND m.eval_loss IS NOT NULL ORDER BY m.global_step DESC, m.seq DESC LIMIT 1) AS final_eval_loss,
-    (SELECT m.eval_loss FROM fine_tune_metrics m WHERE m.job_id = j.job_id AND m.eval_loss IS NOT NULL ORDER BY m.eval_loss ASC, m.global_step ASC LIMIT 1) AS best_eval_loss,
-    (SELECT m.global_step FROM fine_tune_metrics m WHERE m.job_id = j.job_id AND m.eval_loss IS NOT NULL ORDER BY m.eval_loss ASC, m.global_step ASC LIMIT 1)
+    (SELECT m.eval_loss FROM fine_tune_metrics m WHERE m.job_id = j.job_id AND m.eval_loss IS NOT NULL ORDER BY m.global_step DESC NULLS LAST, m.seq DESC LIMIT 1) AS final_eval_loss,
+    (SELECT m.eval_loss FROM fine_tune_metrics m WHERE m.job_id = j.job_id AND m.eval_loss IS NOT NULL ORDER BY m.eval_loss ASC, m.global_step ASC NULLS LAST LIMIT 1) AS best_eval_loss,
+    (SELECT m.global_step FROM fine_tune_metrics m WHERE m.job_id = j.job_id AND m.eval_loss IS NOT NULL ORDER BY m.eval_loss ASC, m.global_step ASC NULLS LAST LIMIT 1)
         AS best_eval_step,
     (SELECT MAX(m.global_step) FROM fine_tune_metrics m WHERE m.job_id = j.job_id) AS last_step,
     (SELECT COUNT(*) FROM fine_tune_metrics m WHERE m.job_id = j.job_id) AS snapshots,
@@ -101,7 +101,7 @@ SELECT c.job_id, c.step, c.created_at, c.path, c.checkpoint_type, c.checkpoint, 
 FROM fine_tune_checkpoints c
 WHERE c.id = (
     SELECT x.id FROM fine_tune_checkpoints x WHERE x.job_id = c.job_id
-    ORDER BY x.step DESC, x.created_at DESC, x.id DESC LIMIT 1
+    ORDER BY x.step DESC NULLS LAST, x.created_at DESC NULLS LAST, x.id DESC LIMIT 1
 )
 """
 
