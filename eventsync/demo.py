@@ -23,14 +23,14 @@ from datetime import UTC, datetime, timedelta
 from functools import cached_property
 from typing import Any
 
-from eventsync.testing import (
+from eventsync.payloads import (
     NOT_STARTED,
     PARAM_COUNTS,
-    FakeTogether,
     make_checkpoint,
     make_metrics,
     make_record,
 )
+from eventsync.testing import FakeTogether
 
 LLAMA = "meta-llama/Meta-Llama-3.1-8B-Instruct-Reference"
 MISTRAL = "mistralai/Mistral-7B-Instruct-v0.2"

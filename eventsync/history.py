@@ -79,18 +79,19 @@ def note_listing(connection: Connection, listed: Sequence[Job], *, now: datetime
         row.job_id: row._mapping for row in connection.execute(select(*(j[n] for n in names)))
     }
     written = 0
+    new: list[Row] = []
     for job_id, entry in entries:
         row = parse_job(entry, job_id)
         before = stored.get(job_id)
         if before is None:
-            written += _insert_job(connection, row, now=now, full=False)
+            new.append(row)
             continue
         fields = listed_fields(entry)
         if all(row.values[n] == before[n] for n in fields):
             continue
         before = _locked(connection, job_id)  # as it is now: a worker may have stored more
-        if _older(row.values["updated_at"], before["updated_at"]):
-            continue  # a full record fetched since the listing was read is newer
+        if before is None or _older(row.values["updated_at"], before["updated_at"]):
+            continue  # deleted meanwhile, or a full record newer than the listing is stored
         changed = {n: row.values[n] for n in fields if row.values[n] != before[n]}
         if not changed:
             continue
@@ -101,9 +102,9 @@ def note_listing(connection: Connection, listed: Sequence[Job], *, now: datetime
             values.update(raw=row.raw, content_hash=row.content_hash, repairs=row.repairs)
         connection.execute(update(jobs_table).where(j.job_id == job_id).values(values))
         if "status" in changed:
-            _note_status(connection, row, now=now)
+            _note_statuses(connection, [row], now=now)
         written += 1
-    return written
+    return written + _insert_jobs(connection, new, now=now, full=False)
 
 
 def _older(listed: datetime | None, stored: datetime | None) -> bool:
@@ -119,42 +120,61 @@ def _locked(connection: Connection, job_id: str) -> Any:
     return None if row is None else row._mapping
 
 
-def _insert_job(connection: Connection, row: Row, *, now: datetime, full: bool) -> int:
-    """Insert the job's row and its first status; 0 if another daemon inserted it first."""
-    inserted: int = connection.execute(
-        _upsert(connection, jobs_table)
-        .values(
-            job_id=row.key,
-            **row.values,
-            raw=row.raw,
-            content_hash=row.content_hash,
-            repairs=row.repairs,
-            record_fetched_at=now if full else None,
-            stored_at=now,
-        )
-        .on_conflict_do_nothing(index_elements=["job_id"])
-    ).rowcount
-    if inserted:
-        _note_status(connection, row, now=now)
-    return inserted
+# Rows of one multi-row INSERT: about 35 parameters each, within SQLite's 32,766.
+_INSERT_AT_ONCE = 500
 
 
-def _note_status(connection: Connection, row: Row, *, now: datetime) -> None:
-    connection.execute(
-        insert(status_history_table).values(
-            job_id=row.key,
-            status=row.values["status"],
-            seen_at=now,
-            updated_at=row.values["updated_at"],
+def _insert_jobs(connection: Connection, rows: list[Row], *, now: datetime, full: bool) -> int:
+    """Insert the jobs' rows and their first statuses, a few hundred a statement; a row
+    another daemon inserted first is left as it is. Returns the rows inserted."""
+    inserted: set[str] = set()
+    for start in range(0, len(rows), _INSERT_AT_ONCE):
+        chunk = rows[start : start + _INSERT_AT_ONCE]
+        statement = (
+            _upsert(connection, jobs_table)
+            .values(
+                [
+                    {
+                        "job_id": row.key,
+                        **row.values,
+                        "raw": row.raw,
+                        "content_hash": row.content_hash,
+                        "repairs": row.repairs,
+                        "record_fetched_at": now if full else None,
+                        "stored_at": now,
+                    }
+                    for row in chunk
+                ]
+            )
+            .on_conflict_do_nothing(index_elements=["job_id"])
+            .returning(jobs_table.c.job_id)
         )
-    )
+        inserted.update(connection.scalars(statement))
+    _note_statuses(connection, [row for row in rows if row.key in inserted], now=now)
+    return len(inserted)
+
+
+def _note_statuses(connection: Connection, rows: list[Row], *, now: datetime) -> None:
+    if rows:
+        connection.execute(
+            insert(status_history_table),
+            [
+                {
+                    "job_id": row.key,
+                    "status": row.values["status"],
+                    "seen_at": now,
+                    "updated_at": row.values["updated_at"],
+                }
+                for row in rows
+            ],
+        )
 
 
 def save_record(connection: Connection, row: Row, *, now: datetime) -> None:
     """Store a job's full record, noting a new status in its history."""
     j = jobs_table.c
     before = _locked(connection, row.key)
-    if before is None and _insert_job(connection, row, now=now, full=True):
+    if before is None and _insert_jobs(connection, [row], now=now, full=True):
         return
     before = before or _locked(connection, row.key)  # inserted meanwhile, by the listing
     connection.execute(
@@ -170,7 +190,7 @@ def save_record(connection: Connection, row: Row, *, now: datetime) -> None:
         )
     )
     if before["status"] != row.values["status"]:
-        _note_status(connection, row, now=now)
+        _note_statuses(connection, [row], now=now)
 
 
 # -- metrics and checkpoints ------------------------------------------------------------------
@@ -393,4 +413,4 @@ def _beyond(rows: Rows, at: Position) -> list[Row] | None:
 
 def _count(outcome: HistoryOutcome, repairs: str | None) -> None:
     if repairs:
-        outcome.repairs.update(orjson.loads(repairs))
+        outcome.repairs.update(orjson.loads(str(repairs)))

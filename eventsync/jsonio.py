@@ -102,8 +102,17 @@ def canonical(value: Any) -> bytes:
         return text.encode("utf-8", "surrogatepass")
 
 
+class JSONText(str):
+    """Text that is JSON already (a row's raw or repairs): stored in a JSON column as is."""
+
+    __slots__ = ()
+
+
 def column_text(value: Any) -> str:
-    """JSON text for a JSON column: orjson, or the stdlib for integers beyond 64 bits."""
+    """JSON text for a JSON column: JSONText as it is, else orjson, or the stdlib for
+    integers beyond 64 bits."""
+    if isinstance(value, JSONText):
+        return str.__str__(value)
     try:
         return orjson.dumps(value).decode()
     except (TypeError, orjson.JSONEncodeError):

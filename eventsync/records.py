@@ -32,7 +32,7 @@ from eventsync.events import (
     is_utf8,
     parse_created_at,
 )
-from eventsync.jsonio import canonical, has_number_text
+from eventsync.jsonio import JSONText, canonical, has_number_text
 
 BigInt = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
 # Indexed text columns (status, model) are cut well below Postgres' btree limit (~2.7 kB).
@@ -154,7 +154,9 @@ def _stored(raw: Any, repairs: list[str]) -> tuple[dict[str, Any], str, str]:
     text = canonical(raw)
     digest = hashlib.sha256(text).hexdigest()
     dirty = b"\\u0000" in text or (not text.isascii() and not is_utf8(text))
-    raw_text = (dirty and escaped_raw_text(raw, repairs)) or text.decode("utf-8", "replace")
+    raw_text = JSONText(
+        (dirty and escaped_raw_text(raw, repairs)) or text.decode("utf-8", "replace")
+    )
     if has_number_text(raw):
         repairs.append("raw:number_as_text")
     return raw, raw_text, digest
@@ -175,7 +177,7 @@ def _cleaned(columns: dict[str, Any], repairs: list[str]) -> dict[str, Any]:
 
 
 def _repairs_text(repairs: list[str]) -> str | None:
-    return orjson.dumps(repairs).decode() if repairs else None
+    return JSONText(orjson.dumps(repairs).decode()) if repairs else None
 
 
 def _times(

@@ -384,3 +384,24 @@ def test_the_final_loss_is_the_last_steps_on_both_databases(
         newest = connection.execute(text("SELECT step FROM fine_tune_latest_checkpoints")).one()
     assert tuple(final) == (0.9, 0.5)
     assert tuple(newest) == (20,)
+
+
+def test_raw_and_repairs_are_json_the_database_can_query(
+    fake: FakeTogether, engine: Engine
+) -> None:
+    """`raw` holds each object (and `repairs` a list) as JSON, not as a string of JSON, so
+    json_extract and ->> reach into it on both databases."""
+    from sqlalchemy import text
+
+    fake.add_job("ft-1", events=3, record={"n_epochs": "three"})
+    fake.add_metrics("ft-1", [{"train/loss": "low", "train/global_step": 1}])
+    fake.add_checkpoints("ft-1", 1)
+    assert sync_pass(fake, engine, ["ft-1"]).ok
+    kind = "jsonb_typeof" if engine.dialect.name == "postgresql" else "json_type"
+    with engine.connect() as connection:
+        for table in ("fine_tune_jobs", "fine_tune_metrics", "fine_tune_checkpoints"):
+            found = connection.execute(text(f"SELECT DISTINCT {kind}(raw) FROM {table}")).all()
+            assert found == [("object",)], table
+        for table in ("fine_tune_jobs", "fine_tune_metrics"):
+            found = connection.execute(text(f"SELECT {kind}(repairs) FROM {table}")).all()
+            assert found == [("array",)], table
