@@ -758,17 +758,21 @@ def sql_command(
 # -- pictures: these read the database only, and draw with the plot extra (matplotlib) ----
 
 
+def _output_option(help: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    return click.option(
+        "--output",
+        "-o",
+        "output_file",
+        metavar="FILE",
+        required=True,
+        type=click.Path(dir_okay=False),
+        help=help,
+    )
+
+
 @app.command("plot")
 @click.argument("job_ids", metavar="JOB...", nargs=-1, required=True)
-@click.option(
-    "--output",
-    "-o",
-    "output_file",
-    metavar="FILE",
-    required=True,
-    type=click.Path(dir_okay=False),
-    help="Where to write the chart; its extension picks the format: .png or .svg.",
-)
+@_output_option("Where to write the chart; its extension picks the format: .png or .svg.")
 @database_url_option
 @pass_setup
 def plot_command(
@@ -815,15 +819,7 @@ def plot_command(
 
 @app.command("report")
 @click.argument("job_id", metavar="JOB")
-@click.option(
-    "--output",
-    "-o",
-    "output_file",
-    metavar="FILE",
-    required=True,
-    type=click.Path(dir_okay=False),
-    help="Where to write the page: a name ending in .html.",
-)
+@_output_option("Where to write the page: a name ending in .html.")
 @database_url_option
 @pass_setup
 def report_command(setup: Setup, job_id: str, output_file: str, database_url: str | None) -> None:
