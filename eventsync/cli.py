@@ -356,7 +356,9 @@ def _print_outcome(outcome: JobOutcome) -> None:
         say_error(str(outcome.error), kind=outcome.error.kind, job_id=outcome.job_id)
         return
     updated = f", {outcome.updated} updated" if outcome.updated else ""
-    output.echo(f"{outcome.job_id}: {outcome.new} new{updated}, {outcome.total} total")
+    stored = [(outcome.snapshots, "metrics"), (outcome.checkpoints, "checkpoints")]
+    history = "".join(f"; {what} +{count}" for count, what in stored if count)
+    output.echo(f"{outcome.job_id}: {outcome.new} new{updated}, {outcome.total} total{history}")
 
 
 @app.command()

@@ -293,6 +293,7 @@ def test_status_shows_the_loss_and_jobs_show_the_whole_record(
     fake.add_checkpoints("ft-1", [make_checkpoint("ft-1", 10)])
     done = run("sync", "--job-id", "ft-1", "--database-url", url, cwd=tmp_path, env=api_env)
     assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["ft-1: 0 new, 4 total; metrics +2; checkpoints +1"]
     status = run("status", "--database-url", url, cwd=tmp_path)
     assert "1.25 (eval 1.5)" in status.stdout
     shown = run("jobs", "show", "ft-1", "--database-url", url, "--format", "json", cwd=tmp_path)
