@@ -139,6 +139,8 @@ SELECT
     {_metric("eval_loss", order=best_eval, value="global_step")}
         AS best_eval_step,
     (SELECT MAX(m.global_step) FROM fine_tune_metrics m WHERE m.job_id = j.job_id) AS last_step,
+    (SELECT MAX(m.global_step) FROM fine_tune_metrics m
+        WHERE m.job_id = j.job_id AND m.eval_loss IS NOT NULL) AS last_eval_step,
     (SELECT COUNT(*) FROM fine_tune_metrics m WHERE m.job_id = j.job_id) AS snapshots,
     j.token_count,
     j.total_price,

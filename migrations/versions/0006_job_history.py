@@ -51,6 +51,8 @@ SELECT
     (SELECT m.global_step FROM fine_tune_metrics m WHERE m.job_id = j.job_id AND m.eval_loss IS NOT NULL ORDER BY m.eval_loss ASC, m.global_step ASC NULLS LAST LIMIT 1)
         AS best_eval_step,
     (SELECT MAX(m.global_step) FROM fine_tune_metrics m WHERE m.job_id = j.job_id) AS last_step,
+    (SELECT MAX(m.global_step) FROM fine_tune_metrics m
+        WHERE m.job_id = j.job_id AND m.eval_loss IS NOT NULL) AS last_eval_step,
     (SELECT COUNT(*) FROM fine_tune_metrics m WHERE m.job_id = j.job_id) AS snapshots,
     j.token_count,
     j.total_price,
