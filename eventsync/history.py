@@ -17,7 +17,6 @@ skipped. After an answer, a 404 means that one job has none this poll.
 
 from __future__ import annotations
 
-import logging
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -47,10 +46,7 @@ from eventsync.records import (
     parse_job,
     parse_metrics,
 )
-
-log = logging.getLogger(__name__)
-
-QUEUED_STATUSES = frozenset({"pending", "queued"})
+from eventsync.schedule import QUEUED_STATUSES
 
 
 @dataclass
