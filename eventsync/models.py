@@ -43,7 +43,8 @@ metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
 class RawJSON(TypeDecorator[Any]):
     """JSONB on Postgres (indexable, queryable with ->>), JSON text on SQLite (json_extract
-    works). The Postgres type is loaded only when a Postgres engine needs it."""
+    works); None is SQL NULL, not JSON null. The Postgres type is loaded only when a Postgres
+    engine needs it."""
 
     impl = JSON
     cache_ok = True
@@ -52,8 +53,8 @@ class RawJSON(TypeDecorator[Any]):
         if dialect.name == "postgresql":
             from sqlalchemy.dialects.postgresql import JSONB
 
-            return dialect.type_descriptor(JSONB())
-        return dialect.type_descriptor(JSON())
+            return dialect.type_descriptor(JSONB(none_as_null=True))
+        return dialect.type_descriptor(JSON(none_as_null=True))
 
 
 class UTCDateTime(TypeDecorator[datetime]):

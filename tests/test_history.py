@@ -406,3 +406,6 @@ def test_raw_and_repairs_are_json_the_database_can_query(
         for table in ("fine_tune_jobs", "fine_tune_metrics"):
             found = connection.execute(text(f"SELECT {kind}(repairs) FROM {table}")).all()
             assert found == [("array",)], table
+        # Nothing to repair is SQL NULL, as for events, not JSON null.
+        clean = text("SELECT count(*) FROM fine_tune_checkpoints WHERE repairs IS NULL")
+        assert connection.execute(clean).scalar() == 1
