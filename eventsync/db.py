@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from sqlalchemy import Connection, Engine, create_engine, event, inspect
+from sqlalchemy import Connection, Engine, Table, create_engine, event, inspect
 from sqlalchemy.engine import URL, make_url
 
 from eventsync.errors import ConfigError
@@ -24,6 +24,13 @@ REVISIONS = ("0001", "0002", "0003", "0004", "0005", "0006")
 HEAD = REVISIONS[-1]
 # How long a SQLite connection waits for another process's write lock.
 SQLITE_BUSY_SECONDS = 30
+
+
+def upsert(dialect: str, table: Table) -> Any:
+    """The dialect's own INSERT, the one with ON CONFLICT: Postgres' or SQLite's."""
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    return (postgresql if dialect == "postgresql" else sqlite).insert(table)
 
 
 def make_engine(url: str, *, pool_size: int = 8) -> Engine:

@@ -18,18 +18,16 @@ skipped. After an answer, a 404 means that one job has none this poll.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import lru_cache
 from typing import Any
 
-import orjson
 from sqlalchemy import Connection, Engine, func, insert, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 
 from eventsync.client import Job, TogetherClient
-from eventsync.db import write_transaction
+from eventsync.db import upsert, write_transaction
 from eventsync.errors import NotFoundError
 from eventsync.models import (
     checkpoints_table,
@@ -127,15 +125,12 @@ def _insert_jobs(connection: Connection, rows: list[Row], *, now: datetime, full
     for start in range(0, len(rows), _INSERT_AT_ONCE):
         chunk = rows[start : start + _INSERT_AT_ONCE]
         statement = (
-            _upsert(connection, jobs_table)
+            upsert(connection.dialect.name, jobs_table)
             .values(
                 [
                     {
                         "job_id": row.key,
-                        **row.values,
-                        "raw": row.raw,
-                        "content_hash": row.content_hash,
-                        "repairs": row.repairs,
+                        **row.columns(),
                         "record_fetched_at": now if full else None,
                         "stored_at": now,
                     }
@@ -176,14 +171,7 @@ def save_record(connection: Connection, row: Row, *, now: datetime) -> None:
     connection.execute(
         update(jobs_table)
         .where(j.job_id == row.key)
-        .values(
-            **row.values,
-            raw=row.raw,
-            content_hash=row.content_hash,
-            repairs=row.repairs,
-            record_fetched_at=now,
-            stored_at=now,
-        )
+        .values(**row.columns(), record_fetched_at=now, stored_at=now)
     )
     if before["status"] != row.values["status"]:
         _note_statuses(connection, [row], now=now)
@@ -212,20 +200,13 @@ def save_snapshots(connection: Connection, job_id: str, rows: list[Row]) -> int:
         return 0
     m = metrics_table.c
     seq = connection.scalar(select(func.coalesce(func.max(m.seq), 0)).where(m.job_id == job_id))
-    statement = _upsert(connection, metrics_table).on_conflict_do_nothing(
+    statement = upsert(connection.dialect.name, metrics_table).on_conflict_do_nothing(
         index_elements=["job_id", "content_hash"]
     )
     result = connection.execute(
         statement,
         [
-            {
-                "job_id": job_id,
-                "seq": (seq or 0) + i,
-                **row.values,
-                "raw": row.raw,
-                "content_hash": row.content_hash,
-                "repairs": row.repairs,
-            }
+            {"job_id": job_id, "seq": (seq or 0) + i, **row.columns()}
             for i, row in enumerate(rows, start=1)
         ],
     )
@@ -241,8 +222,7 @@ def save_checkpoints(
     stored = {key: digest for key, digest in connection.execute(query)}
     written = 0
     for row in rows.rows:
-        values = {**row.values, "raw": row.raw, "content_hash": row.content_hash}
-        values["repairs"] = row.repairs
+        values = row.columns()
         if row.key not in stored:
             connection.execute(
                 insert(checkpoints_table).values(job_id=job_id, checkpoint_key=row.key, **values)
@@ -260,10 +240,6 @@ def save_checkpoints(
         update(jobs_table).where(jobs_table.c.job_id == job_id).values(checkpoints_events=events)
     )
     return written
-
-
-def _upsert(connection: Connection, table: Any) -> Any:
-    return (postgresql if connection.dialect.name == "postgresql" else sqlite).insert(table)
 
 
 # -- one job ----------------------------------------------------------------------------------
@@ -305,17 +281,17 @@ def positions(connection: Connection, ids: Sequence[str] | None = None) -> dict[
 @lru_cache(maxsize=4)
 def _positions_sql(dialect: str) -> Any:
     j, m = jobs_table.c, metrics_table.c
-    last = select(func.max(m.global_step)).where(m.job_id == j.job_id).scalar_subquery()
+    # An alias, so that the subquery inside `digests` correlates to the job, not to `m`.
+    x = metrics_table.alias("x").c
+    last = select(func.max(x.global_step)).where(x.job_id == j.job_id).scalar_subquery()
     joined = (
         func.string_agg(m.content_hash, ",")
         if dialect == "postgresql"
         else func.group_concat(m.content_hash, ",")
     )
-    x = metrics_table.alias("x").c
-    at_last = select(func.max(x.global_step)).where(x.job_id == j.job_id).scalar_subquery()
     digests = (
         select(joined)
-        .where(m.job_id == j.job_id, m.global_step == at_last)
+        .where(m.job_id == j.job_id, m.global_step == last)
         .correlate(jobs_table)
         .scalar_subquery()
     )
@@ -352,35 +328,26 @@ def sync_history(
         with write_transaction(engine) as connection:
             save_record(connection, row, now=now)
         outcome.record = True
-        _count(outcome, row.repairs)
+        outcome.repairs.update(row.problems)
         status = job.status or row.values["status"]
     if status in QUEUED_STATUSES:
         return outcome
-    if not client.endpoints.missing("metrics"):
-        try:
-            data = client.job_metrics(job.id, global_step_from=at.last_step)
-        except NotFoundError:
-            client.endpoints.not_found("metrics", job.id)
-        else:
-            client.endpoints.answered("metrics")
-            rows = parse_metrics(data)
-            outcome.repairs.update(rows.repairs)
-            fresh = _beyond(rows, at)
-            if fresh is None:  # a snapshot without a step: only the database can tell
-                with engine.connect() as connection:
-                    fresh = new_snapshots(connection, job.id, rows)
-            if fresh:
-                with write_transaction(engine) as connection:
-                    outcome.snapshots = save_snapshots(connection, job.id, fresh)
-    if not client.endpoints.missing("checkpoints") and (
-        finished or at.checkpoints_events != events
-    ):
-        try:
-            data = client.job_checkpoints(job.id)
-        except NotFoundError:
-            client.endpoints.not_found("checkpoints", job.id)
-        else:
-            client.endpoints.answered("checkpoints")
+    data = _optional(
+        client, "metrics", job.id, lambda: client.job_metrics(job.id, global_step_from=at.last_step)
+    )
+    if data is not None:
+        rows = parse_metrics(data)
+        outcome.repairs.update(rows.repairs)
+        fresh = _beyond(rows, at)
+        if fresh is None:  # a snapshot without a step: only the database can tell
+            with engine.connect() as connection:
+                fresh = new_snapshots(connection, job.id, rows)
+        if fresh:
+            with write_transaction(engine) as connection:
+                outcome.snapshots = save_snapshots(connection, job.id, fresh)
+    if finished or at.checkpoints_events != events:
+        data = _optional(client, "checkpoints", job.id, lambda: client.job_checkpoints(job.id))
+        if data is not None:
             rows = parse_checkpoints(data)
             outcome.repairs.update(rows.repairs)
             with write_transaction(engine) as connection:
@@ -388,6 +355,19 @@ def sync_history(
                     connection, job.id, rows, events=events, now=now
                 )
     return outcome
+
+
+def _optional(client: TogetherClient, name: str, job_id: str, fetch: Callable[[], Any]) -> Any:
+    """What an endpoint the API may lack answers for the job; None if it lacks it (a 404)."""
+    if client.endpoints.missing(name):
+        return None
+    try:
+        data = fetch()
+    except NotFoundError:
+        client.endpoints.not_found(name, job_id)
+        return None
+    client.endpoints.answered(name)
+    return data
 
 
 def _beyond(rows: Rows, at: Position) -> list[Row] | None:
@@ -405,8 +385,3 @@ def _beyond(rows: Rows, at: Position) -> list[Row] | None:
         if last is None or step > last or row.content_hash not in at.at_last_step:
             fresh.append(row)
     return fresh
-
-
-def _count(outcome: HistoryOutcome, repairs: str | None) -> None:
-    if repairs:
-        outcome.repairs.update(orjson.loads(str(repairs)))

@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, select
 
+from eventsync import reads
 from eventsync.errors import ConfigError
-from eventsync.models import jobs_table, metrics_table, state_table
+from eventsync.models import jobs_table, metrics_table
 from eventsync.output import visible
 
 if TYPE_CHECKING:
@@ -89,18 +90,13 @@ def read_curves(connection: Connection, job_id: str) -> Curves:
     ).all()
     train = [(int(r.global_step), float(r.train_loss)) for r in rows if _finite(r.train_loss)]
     evals = [(int(r.global_step), float(r.eval_loss)) for r in rows if _finite(r.eval_loss)]
-    known = record is not None or bool(rows) or _has_state(connection, job_id)
+    known = record is not None or bool(rows) or reads.job_known(connection, job_id)
     job = dict(record._mapping) if record is not None else {}
     return Curves(job_id, known, job, train, evals)
 
 
 def _finite(value: float | None) -> bool:
     return value is not None and math.isfinite(value)
-
-
-def _has_state(connection: Connection, job_id: str) -> bool:
-    query = select(state_table.c.job_id).where(state_table.c.job_id == job_id)
-    return connection.execute(query).first() is not None
 
 
 def batch_size(job: dict[str, Any]) -> Any:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
@@ -130,7 +131,21 @@ class Row:
     values: dict[str, Any]
     raw: str
     content_hash: str
-    repairs: str | None
+    problems: tuple[str, ...] = ()  # what was repaired to store it
+
+    @property
+    def repairs(self) -> str | None:
+        """The repairs as the `repairs` column holds them: a JSON list, or None."""
+        return JSONText(orjson.dumps(self.problems).decode()) if self.problems else None
+
+    def columns(self) -> dict[str, Any]:
+        """The values of every column the object fills, `raw` and its digest included."""
+        return {
+            **self.values,
+            "raw": self.raw,
+            "content_hash": self.content_hash,
+            "repairs": self.repairs,
+        }
 
 
 @dataclass
@@ -138,12 +153,11 @@ class Rows:
     """The rows of one body, in the server's order, and how often each repair was made."""
 
     rows: list[Row] = field(default_factory=list)
-    repairs: dict[str, int] = field(default_factory=dict)
+    repairs: Counter[str] = field(default_factory=Counter)
 
-    def add(self, row: Row, repairs: list[str]) -> None:
+    def add(self, row: Row) -> None:
         self.rows.append(row)
-        for repair in repairs:
-            self.repairs[repair] = self.repairs.get(repair, 0) + 1
+        self.repairs.update(row.problems)
 
 
 def _stored(raw: Any, repairs: list[str]) -> tuple[dict[str, Any], str, str]:
@@ -174,10 +188,6 @@ def _cleaned(columns: dict[str, Any], repairs: list[str]) -> dict[str, Any]:
                 columns[name] = value[:_INDEXED_LIMIT]
                 repairs.append(f"{name}:too_long")
     return columns
-
-
-def _repairs_text(repairs: list[str]) -> str | None:
-    return JSONText(orjson.dumps(repairs).decode()) if repairs else None
 
 
 def _times(
@@ -213,7 +223,7 @@ def parse_job(raw: Any, job_id: str) -> Row:
     _times(columns, _TIMES, obj, repairs)
     columns = _cleaned(columns, repairs)
     values = {name: columns.get(name) for name in JOB_FIELDS}
-    return Row(job_id, values, raw_text, digest, _repairs_text(repairs))
+    return Row(job_id, values, raw_text, digest, tuple(repairs))
 
 
 def listed_fields(raw: Any) -> frozenset[str]:
@@ -252,11 +262,11 @@ def parse_checkpoints(data: Any) -> Rows:
             key = f"c:{digest}"
             repairs.append("path:reused_with_other_content")
         if not key or key in seen:
-            result.repairs["duplicate_in_list"] = result.repairs.get("duplicate_in_list", 0) + 1
+            result.repairs["duplicate_in_list"] += 1
             continue
         seen.add(key)
         values = {name: columns.get(name) for name in CHECKPOINT_FIELDS}
-        result.add(Row(key, values, raw_text, digest, _repairs_text(repairs)), repairs)
+        result.add(Row(key, values, raw_text, digest, tuple(repairs)))
     return result
 
 
@@ -269,14 +279,14 @@ def parse_metrics(data: Any) -> Rows:
         repairs: list[str] = []
         obj, raw_text, digest = _stored(item, repairs)
         if digest in seen:
-            result.repairs["duplicate_in_list"] = result.repairs.get("duplicate_in_list", 0) + 1
+            result.repairs["duplicate_in_list"] += 1
             continue
         seen.add(digest)
         values: dict[str, Any] = {}
         for column, keys in METRIC_KEYS.items():
             name = next((k for k in keys if k in obj), None)
             values[column] = None if name is None else _number(column, obj[name], repairs)
-        result.add(Row(digest, values, raw_text, digest, _repairs_text(repairs)), repairs)
+        result.add(Row(digest, values, raw_text, digest, tuple(repairs)))
     return result
 
 
@@ -304,9 +314,3 @@ def _number(column: str, value: Any, repairs: list[str]) -> float | int | None:
         repairs.append(f"{column}:out_of_range")
         return None
     return number
-
-
-def last_step(rows: Rows) -> int | None:
-    """The highest global step among the rows, if any has one."""
-    steps = [r.values["global_step"] for r in rows.rows if r.values["global_step"] is not None]
-    return max(steps) if steps else None

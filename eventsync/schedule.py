@@ -29,8 +29,8 @@ from sqlalchemy import (
     true,
     update,
 )
-from sqlalchemy.dialects import postgresql, sqlite
 
+from eventsync.db import upsert
 from eventsync.models import state_table, tasks_table
 
 QUEUED_STATUSES = frozenset({"pending", "queued"})
@@ -147,9 +147,10 @@ def claim_task(
 ) -> bool:
     """Take the task if it is due and nobody holds it. Its row is made on first use."""
     t = tasks_table.c
-    insert: Any = (postgresql if connection.dialect.name == "postgresql" else sqlite).insert
     connection.execute(
-        insert(tasks_table).values(name=name).on_conflict_do_nothing(index_elements=["name"])
+        upsert(connection.dialect.name, tasks_table)
+        .values(name=name)
+        .on_conflict_do_nothing(index_elements=["name"])
     )
     taken = connection.execute(
         update(tasks_table)

@@ -9,8 +9,8 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, Insert, Update, bindparam, func, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 
+from eventsync.db import upsert
 from eventsync.models import events_table, state_table
 
 if TYPE_CHECKING:
@@ -84,7 +84,7 @@ def ensure(connection: Connection, job_id: str) -> None:
 
 @lru_cache(maxsize=4)
 def _ensure_sql(dialect: str) -> Insert:
-    stmt: Any = (postgresql if dialect == "postgresql" else sqlite).insert(state_table)
+    stmt: Any = upsert(dialect, state_table)
     return stmt.on_conflict_do_nothing(index_elements=["job_id"])  # type: ignore[no-any-return]
 
 
