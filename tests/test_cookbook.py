@@ -19,8 +19,10 @@ from eventsync.datasette import METADATA
 from eventsync.demo import Demo
 from eventsync.output import as_utc, parse_since
 from eventsync.testing import FakeTogether
-from tests.helpers import cookbook, sync_pass
+from tests.helpers import REPO, cookbook, sync_pass
 from tests.history import load
+
+README = REPO / "README.md"
 
 RECENT = object()  # a timestamp written by the sync itself: checked to be recent
 
@@ -180,6 +182,9 @@ def test_every_cookbook_query_answers_against_the_demo(fake: FakeTogether, engin
         for title, sql in cookbook():
             rows = conn.execute(text(sql.rstrip(";"))).all()
             assert rows, title
+        # The one-liners the README passes to `eventsync sql` answer too.
+        for sql in re.findall(r'eventsync sql "([^"]+)"', README.read_text()):
+            assert conn.execute(text(sql)).all(), sql
         summary = text("SELECT job_id, status FROM fine_tune_job_summary")
         statuses = {job: status for job, status in conn.execute(summary)}
     assert {statuses[j] for j in ("ft-done", "ft-fail", "ft-cancel", "ft-queued")} == {
