@@ -114,33 +114,28 @@ def _locked(connection: Connection, job_id: str) -> Any:
     return None if row is None else row._mapping
 
 
-# Rows of one multi-row INSERT: about 35 parameters each, within SQLite's 32,766.
-_INSERT_AT_ONCE = 500
-
-
 def _insert_jobs(connection: Connection, rows: list[Row], *, now: datetime, full: bool) -> int:
-    """Insert the jobs' rows and their first statuses, a few hundred a statement; a row
-    another daemon inserted first is left as it is. Returns the rows inserted."""
-    inserted: set[str] = set()
-    for start in range(0, len(rows), _INSERT_AT_ONCE):
-        chunk = rows[start : start + _INSERT_AT_ONCE]
-        statement = (
-            upsert(connection.dialect.name, jobs_table)
-            .values(
-                [
-                    {
-                        "job_id": row.key,
-                        **row.columns(),
-                        "record_fetched_at": now if full else None,
-                        "stored_at": now,
-                    }
-                    for row in chunk
-                ]
-            )
-            .on_conflict_do_nothing(index_elements=["job_id"])
-            .returning(jobs_table.c.job_id)
-        )
-        inserted.update(connection.scalars(statement))
+    """Insert the jobs' rows and their first statuses; a row another daemon inserted first is
+    left as it is. Returns the rows inserted. One statement with a list of parameters, which
+    SQLAlchemy sends as multi-row INSERTs ("insertmanyvalues") from one compiled form:
+    compiling a 400-row VALUES clause took 0.65 s."""
+    if not rows:
+        return 0
+    statement = (
+        upsert(connection.dialect.name, jobs_table)
+        .on_conflict_do_nothing(index_elements=["job_id"])
+        .returning(jobs_table.c.job_id)
+    )
+    params = [
+        {
+            "job_id": row.key,
+            **row.columns(),
+            "record_fetched_at": now if full else None,
+            "stored_at": now,
+        }
+        for row in rows
+    ]
+    inserted = set(connection.scalars(statement, params))
     _note_statuses(connection, [row for row in rows if row.key in inserted], now=now)
     return len(inserted)
 
