@@ -327,7 +327,8 @@ def _save(
     if stored is None:
         stored = writer.stored(connection, job.id)
     written = writer.write(connection, job.id, parsed.events, stored, max_seq=row.max_seq, now=now)
-    total = row.event_count + written.new if appended else writer.count(connection, job.id)
+    # `stored` is every stored key of the job unless only the tail was read; keys are unique.
+    total = (row.event_count if appended else len(stored)) + written.new
     finished = has_ended(job, parsed)
     state.update_state(
         connection,

@@ -15,7 +15,7 @@ from itertools import chain
 from operator import itemgetter
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, column, func, select, table
+from sqlalchemy import Connection, bindparam, column, select, table
 from sqlalchemy.dialects import postgresql, sqlite
 
 from eventsync.events import API_FIELDS, Event
@@ -53,7 +53,6 @@ _STORED = select(events_table.c.event_key, events_table.c.content_hash).where(
     events_table.c.job_id == bindparam("job")
 )
 _STORED_AMONG = _STORED.where(events_table.c.event_key.in_(bindparam("keys", expanding=True)))
-_COUNT = select(func.count()).where(events_table.c.job_id == bindparam("job"))
 
 
 def stored(
@@ -67,10 +66,6 @@ def stored(
     else:
         return {}
     return {key: content for key, content in found}
-
-
-def count(connection: Connection, job_id: str) -> int:
-    return int(connection.execute(_COUNT, {"job": job_id}).scalar_one())
 
 
 def write(

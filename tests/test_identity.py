@@ -9,7 +9,7 @@ from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, select, text
 
 from eventsync.jsonio import canonical
 from eventsync.models import events_table
@@ -60,6 +60,17 @@ def fetch_sequences(draw: st.DrawFn) -> tuple[list[Any], list[int]]:
     return events, sorted(set(cuts))
 
 
+def counted(engine: Engine, job_id: str) -> tuple[int, int]:
+    """The job's state row's event_count, and the rows actually stored."""
+    query = text(
+        "SELECT event_count, (SELECT count(*) FROM fine_tune_events WHERE job_id = :j) "
+        "FROM sync_state WHERE job_id = :j"
+    )
+    with engine.connect() as conn:
+        state_count, stored = conn.execute(query, {"j": job_id}).one()
+    return int(state_count), int(stored)
+
+
 @settings(
     max_examples=40,
     deadline=None,
@@ -80,6 +91,7 @@ def test_any_fetch_sequence_stores_what_one_fetch_stores(
         fake.set_events(stepwise, events[:cut])
         result = sync_pass(fake, engine, [stepwise])
         assert result.ok, result.outcomes[0].error
+        assert counted(engine, stepwise) == (result.outcomes[0].total,) * 2
     last = result.outcomes[0]
     first = sync_pass(fake, engine, [once]).outcomes[0]
     assert first.error is None, first.error
