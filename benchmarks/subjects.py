@@ -35,7 +35,7 @@ def eventsync_pass(
     try:
         with make_http_client(settings) as http:
             client = TogetherClient.from_settings(http, settings)
-            jobs = plan_jobs(client, engine, [], all_jobs=True)
+            jobs = plan_jobs(client, engine, [], all_jobs=True, history=history)
             result = run_pass(client, engine, jobs, concurrency=concurrency, history=history)
     finally:
         engine.dispose()

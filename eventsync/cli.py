@@ -287,7 +287,12 @@ def sync(
     with http, setup.database(settings) as engine:
         try:
             plans = plan_jobs(
-                client, engine, settings.job_ids, all_jobs=settings.all_jobs, full=full
+                client,
+                engine,
+                settings.job_ids,
+                all_jobs=settings.all_jobs,
+                full=full,
+                history=settings.history,
             )
         except EventsyncError as exc:
             fail(str(exc))

@@ -221,7 +221,8 @@ class Daemon:
             again = state.note_listing(
                 connection, listed, configured=s.job_ids, all_jobs=s.all_jobs, now=now
             )
-            history.note_listing(connection, listed, now=now)
+            if s.history:
+                history.note_listing(connection, listed, now=now)
         for job_id in again:
             log.info("job %s is active again; polling it again", job_id, extra={"job_id": job_id})
         self._wake.set()  # idle workers look for what the listing made due

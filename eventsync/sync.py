@@ -101,6 +101,7 @@ def plan_jobs(
     all_jobs: bool,
     skip_finished: bool = False,
     full: bool = False,
+    history: bool = True,
 ) -> list[Plan]:
     """The jobs of one pass, each with its status when the listing knows it.
 
@@ -109,7 +110,8 @@ def plan_jobs(
     costs the statuses. With `skip_finished` (the daemon), a job that ended and had its last
     fetch is left out, unless the listing shows it active again. With `full`, or when a job's
     stored events no longer match its state row, every event fetched is compared with what is
-    stored (no unchanged-body shortcut).
+    stored (no unchanged-body shortcut). With `history`, the listing also feeds fine_tune_jobs
+    and each plan carries how far its job's history is stored.
     """
     with engine.connect() as connection:
         known = state.known_jobs(connection)
@@ -122,21 +124,24 @@ def plan_jobs(
         log.warning("could not list jobs, statuses unknown this pass: %s", exc)
         listed = []
     listed = valid_ids(listed)
-    with write_transaction(engine) as connection:
-        note_listing(connection, listed, now=datetime.now(UTC))
-    with engine.connect() as connection:
-        stored = positions(connection)
+    stored: dict[str, Position] = {}
+    if history:
+        with write_transaction(engine) as connection:
+            note_listing(connection, listed, now=datetime.now(UTC))
+        with engine.connect() as connection:
+            stored = positions(connection)
     status = {job.id: job.status for job in listed}
     models = {job.id: job.model for job in listed}
 
     def make_plan(job_id: str) -> Plan:
         job = Job(job_id, status.get(job_id), models.get(job_id))
         plan = plan_for(job, known.get(job_id), full)
-        return replace(plan, history=stored.get(job_id, NEW_JOB))
+        return replace(plan, history=stored.get(job_id, NEW_JOB)) if history else plan
 
     plans = [make_plan(job_id) for job_id in wanted]
     if all_jobs:
-        plans += [make_plan(j) for j in status if j not in set(wanted)]
+        also = set(wanted)
+        plans += [make_plan(j) for j in status if j not in also]
     if not skip_finished:
         return plans
     planned = []

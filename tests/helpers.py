@@ -75,7 +75,9 @@ def sync_pass(
     )
     with make_http_client(settings, event_hooks=event_hooks) as http:
         client = TogetherClient.from_settings(http, settings)
-        jobs = plan_jobs(client, engine, job_ids or [], all_jobs=all_jobs, full=full)
+        jobs = plan_jobs(
+            client, engine, job_ids or [], all_jobs=all_jobs, full=full, history=settings.history
+        )
         return run_pass(client, engine, jobs, concurrency=concurrency, history=settings.history)
 
 

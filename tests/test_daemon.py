@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
-from sqlalchemy import Engine
+from sqlalchemy import Engine, text
 
 from eventsync.testing import FakeTogether
 from tests.helpers import (
@@ -200,3 +200,15 @@ def test_json_logs(fake: FakeTogether, engine: Engine, start_daemon) -> None:
     assert passes[0]["level"] == "INFO"
     assert passes[0]["new"] == 2
     assert {"time", "logger", "message"} <= set(passes[0])
+
+
+def test_history_off_keeps_events_only(fake: FakeTogether, engine: Engine, start_daemon) -> None:
+    """EVENTSYNC_HISTORY=false: the daemon's listing feeds no history table."""
+    fake.add_job("ft-a", events=4)
+    daemon = start_daemon("--all-jobs", env={"EVENTSYNC_HISTORY": "false"})
+    wait_until(lambda: event_counts(engine) == {"ft-a": 4})
+    code, _ = daemon.stop()
+    assert code == 0
+    with engine.connect() as conn:
+        for table in ("fine_tune_jobs", "fine_tune_job_status_history", "fine_tune_metrics"):
+            assert conn.execute(text(f"SELECT count(*) FROM {table}")).scalar_one() == 0, table

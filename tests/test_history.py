@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, func, select
 
 from eventsync.models import (
     checkpoints_table,
@@ -26,7 +26,7 @@ from eventsync.testing import (
     make_metrics,
     writes,
 )
-from tests.helpers import run, sync_pass
+from tests.helpers import event_counts, run, sync_pass
 
 HISTORY_TABLES = (
     "fine_tune_jobs",
@@ -182,11 +182,17 @@ def test_an_api_without_the_metrics_endpoint_is_noted_once(
 
 
 def test_history_off_fetches_events_only(fake: FakeTogether, engine: Engine) -> None:
-    """EVENTSYNC_HISTORY=false: one request per job, for its events."""
+    """EVENTSYNC_HISTORY=false: one request per job, for its events, and the listing feeds
+    no history table either."""
     fake.add_job("ft-1", events=5)
+    fake.add_job("ft-2", events=2)
     fake.add_metrics("ft-1", 5)
-    assert sync_pass(fake, engine, ["ft-1"], history=False).ok
+    assert sync_pass(fake, engine, ["ft-1"], all_jobs=True, history=False).ok
     assert fake.requests_for("ft-1") == ["/v1/fine-tunes/ft-1/events"]
+    assert event_counts(engine) == {"ft-1": 5, "ft-2": 2}
+    for table in (jobs_table, status_history_table, metrics_table, checkpoints_table):
+        with engine.connect() as conn:
+            assert conn.execute(select(func.count()).select_from(table)).scalar_one() == 0
 
 
 def test_hostile_history_values_are_repaired_and_recorded(
