@@ -137,7 +137,7 @@ class Setup:
             if read_only:
                 engine = db.open_reader(settings.database_url, any_revision=not migrate)
             else:
-                engine = db.make_engine(settings.database_url, pool_size=settings.concurrency)
+                engine = db.make_engine(settings.database_url, pool_size=settings.workers)
         except ConfigError as exc:
             fail(str(exc))
         except (SQLAlchemyError, ImportError, OSError) as exc:

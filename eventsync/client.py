@@ -179,10 +179,19 @@ class TogetherClient:
     with errors mapped and transient failures retried. Thread-safe: one client serves every
     worker."""
 
-    def __init__(self, http: httpx.Client, key: ApiKey, retry: RetryPolicy | None = None) -> None:
+    def __init__(
+        self,
+        http: httpx.Client,
+        key: ApiKey,
+        retry: RetryPolicy | None = None,
+        *,
+        in_flight: int = 8,
+    ) -> None:
         self.http = http
         self.key = key
         self.retry = retry or RetryPolicy()
+        # At most `in_flight` requests under way at once, each with its retries and waits.
+        self._slots = threading.BoundedSemaphore(max(1, in_flight))
         # A 429 pauses every worker, not just the one that got it.
         self._gate = threading.Lock()
         self._paused_until = 0.0
@@ -194,7 +203,12 @@ class TogetherClient:
     @classmethod
     def from_settings(cls, http: httpx.Client, settings: Settings) -> TogetherClient:
         """The client the settings describe; ConfigError if the key is missing or unusable."""
-        return cls(http, ApiKey(settings.require_api_key()), RetryPolicy.from_settings(settings))
+        return cls(
+            http,
+            ApiKey(settings.require_api_key()),
+            RetryPolicy.from_settings(settings),
+            in_flight=settings.concurrency,
+        )
 
     def list_jobs(self) -> list[Job]:
         try:
@@ -245,6 +259,10 @@ class TogetherClient:
     def _get(self, path: str, read: Callable[[bytes], T], *, what: str) -> T:
         """GET and read the body, retrying transient failures (a body that can't be read
         included), all within the request deadline; errors come out with the key masked."""
+        with self._slots:  # waiting for a slot is not the request's time: its deadline starts now
+            return self._get_in_slot(path, read, what=what)
+
+    def _get_in_slot(self, path: str, read: Callable[[bytes], T], *, what: str) -> T:
         policy = self.retry
         at = time.monotonic() + policy.deadline
         # Why retrying stopped short, if the deadline stopped it: said in the error.

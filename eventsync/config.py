@@ -178,6 +178,13 @@ def _database_url(value: Any) -> str:
     return url.render_as_string(hide_password=False)
 
 
+def workers_for(concurrency: int) -> int:
+    """Jobs under way at once for `concurrency` requests in flight: twice as many, so that
+    while a job is parsed and stored, its request slot already fetches another job. The
+    client holds the requests to `concurrency` (TogetherClient's `in_flight`)."""
+    return 2 * max(1, concurrency)
+
+
 @dataclass(frozen=True, kw_only=True)
 class Settings:
     """Every knob eventsync has. Flags override the environment, which overrides `.env`.
@@ -226,6 +233,11 @@ class Settings:
                 problems.append(f"{variable(spec.name)}: {exc}{shown}")
         if problems:
             raise ConfigError("invalid setting " + "; ".join(problems))
+
+    @property
+    def workers(self) -> int:
+        """Jobs under way at once (see workers_for)."""
+        return workers_for(self.concurrency)
 
     @property
     def queued_every(self) -> float:

@@ -47,8 +47,9 @@ _JOB_PROBLEMS = frozenset({"not_found"})
 
 
 class Daemon:
-    """Syncs each followed job when it falls due, `concurrency` at a time, until asked to
-    stop; shares the work with any other daemon on the same Postgres (eventsync.schedule).
+    """Syncs each followed job when it falls due, with `concurrency` requests in flight and
+    twice as many jobs under way (config.workers_for), until asked to stop; shares the work
+    with any other daemon on the same Postgres (eventsync.schedule).
 
     Workers each take the next due job, sync it, and set when it is next due, so a slow or
     failing job holds one worker and delays no other job. Once an interval, one daemon of all
@@ -279,7 +280,7 @@ class Daemon:
                 jobs = self._claim(limit=1_000_000, due_only=False)
                 self._working.update(jobs)
             try:
-                with ThreadPoolExecutor(max(1, self.settings.concurrency)) as pool:
+                with ThreadPoolExecutor(self.settings.workers) as pool:
                     found = list(pool.map(self._guarded, jobs))
             finally:
                 with self._lock:
@@ -412,7 +413,7 @@ class Daemon:
         )
         workers = [
             threading.Thread(target=self.work, name=f"sync-{i}", daemon=True)
-            for i in range(s.concurrency)
+            for i in range(s.workers)
         ]
         with write_transaction(self.engine) as connection:
             for job_id in s.job_ids:  # due at once, whichever daemon reads the listing
@@ -423,7 +424,7 @@ class Daemon:
             worker.start()
         log.info(
             "eventsync running: each job polled every %ss (queued ones every %ss), "
-            "%d at a time, as %s",
+            "%d request(s) at a time, as %s",
             f"{s.interval:g}",
             f"{s.queued_every:g}",
             s.concurrency,
@@ -518,7 +519,7 @@ def serve(settings: Settings) -> int:
     with Signals() as signals, _one_daemon_per_sqlite_file(settings.database_url):
         metrics = Metrics()
         http = make_http_client(settings, event_hooks={"response": [metrics.on_response]})
-        engine = db.make_engine(settings.database_url, pool_size=settings.concurrency)
+        engine = db.make_engine(settings.database_url, pool_size=settings.workers)
         try:
             migrate.ensure_schema(engine)
             daemon = Daemon(settings, engine=engine, http=http, metrics=metrics)

@@ -17,7 +17,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from eventsync import state, writer
 from eventsync.client import TERMINAL_STATUSES, Job, TogetherClient
-from eventsync.config import validate_job_id
+from eventsync.config import validate_job_id, workers_for
 from eventsync.db import write_transaction
 from eventsync.errors import ApiStatusError, ConfigError, EventsyncError, StoreError, first_line
 from eventsync.events import ParsedEvents, parse_events
@@ -384,7 +384,8 @@ def run_pass(
     stop: threading.Event | None = None,
     history: bool = True,
 ) -> PassResult:
-    """Sync every job, up to `concurrency` at once; each job is its own transaction.
+    """Sync every job, each its own transaction: `concurrency` requests in flight (the
+    client's bound), and twice as many jobs under way (config.workers_for).
 
     Once `stop` is set, jobs not yet started are skipped; the ones under way finish.
     """
@@ -396,7 +397,8 @@ def run_pass(
         return sync_job(client, engine, plan, history=history)
 
     outcomes: list[JobOutcome] = []
-    with ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="sync") as pool:
+    workers = workers_for(concurrency)
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sync") as pool:
         for outcome in pool.map(work, jobs):
             if outcome is None:
                 continue

@@ -24,7 +24,7 @@ from eventsync.client import ApiKey, RetryPolicy, TogetherClient, make_http_clie
 from eventsync.config import Settings
 from eventsync.fingerprint import read_body
 from eventsync.models import events_table
-from eventsync.sync import PassResult, plan_jobs, run_pass
+from eventsync.sync import JobOutcome, PassResult, plan_jobs, run_pass, sync_job
 from eventsync.testing import FakeTogether
 
 API_KEY = "test-key-5f1c2e"
@@ -79,6 +79,16 @@ def sync_pass(
             client, engine, job_ids or [], all_jobs=all_jobs, full=full, history=settings.history
         )
         return run_pass(client, engine, jobs, concurrency=concurrency, history=settings.history)
+
+
+def sync_in_order(fake: FakeTogether, engine: Engine, job_ids: list[str]) -> list[JobOutcome]:
+    """The jobs synced one after another by one client, for what its order decides (which
+    request first met a missing endpoint, say); a pass has several under way at once."""
+    settings = make_settings(fake, engine.url.render_as_string(hide_password=False))
+    with make_http_client(settings) as http:
+        client = TogetherClient.from_settings(http, settings)
+        plans = plan_jobs(client, engine, job_ids, all_jobs=False, history=settings.history)
+        return [sync_job(client, engine, plan, history=settings.history) for plan in plans]
 
 
 def fetch_events(client: TogetherClient, job_id: str) -> list[Any]:

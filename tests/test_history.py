@@ -26,7 +26,7 @@ from eventsync.testing import (
     make_metrics,
     writes,
 )
-from tests.helpers import event_counts, run, sync_pass
+from tests.helpers import event_counts, run, sync_in_order, sync_pass
 
 HISTORY_TABLES = (
     "fine_tune_jobs",
@@ -171,8 +171,8 @@ def test_an_api_without_the_metrics_endpoint_is_noted_once(
         fake.add_job(job_id, events=5)
         fake.add_checkpoints(job_id, 1)
     with caplog.at_level(logging.INFO, logger="eventsync"):
-        result = sync_pass(fake, engine, ["ft-1", "ft-2", "ft-3"], concurrency=1)
-    assert result.ok
+        outcomes = sync_in_order(fake, engine, ["ft-1", "ft-2", "ft-3"])
+    assert all(o.ok for o in outcomes)
     assert len(requested(fake, "/metrics")) == 1
     said = [r for r in caplog.records if "no metrics endpoint" in r.getMessage()]
     assert len(said) == 1
@@ -328,9 +328,9 @@ def test_a_404_for_one_job_after_the_endpoint_answered_concerns_that_job_alone(
         fake.add_job(job_id, events=3)
         fake.add_metrics(job_id, 5)
     fake.inject("status", match="/ft-b/metrics", status=404)
-    result = sync_pass(fake, engine, ["ft-a", "ft-b", "ft-c"], concurrency=1)
-    assert result.ok
-    assert [o.snapshots for o in result.outcomes] == [
+    outcomes = sync_in_order(fake, engine, ["ft-a", "ft-b", "ft-c"])
+    assert all(o.ok for o in outcomes)
+    assert [o.snapshots for o in outcomes] == [
         len(fake.jobs["ft-a"].metrics),
         0,
         len(fake.jobs["ft-c"].metrics),

@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import json
+import threading
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import Engine, func, select, text
 
 from eventsync.models import events_table, state_table
+from eventsync.sync import PassResult
 from eventsync.testing import FakeTogether, install_write_counter, make_event, writes
-from tests.helpers import fail_inserts_of, sync_pass
+from tests.helpers import (
+    EVENTUALLY,
+    event_counts,
+    fail_inserts_of,
+    fetches,
+    sync_pass,
+    wait_until,
+)
 
 
 def stored(engine: Engine, job_id: str) -> list[tuple[int, str, str | None]]:
@@ -205,6 +214,37 @@ def test_jobs_run_concurrently_on_reused_connections(fake: FakeTogether, engine:
     # 13 requests (listing + 12 jobs) over at most 4 connections, plus one for the listing.
     assert len(fake.requests) == 13
     assert len(fake.client_ports) <= 5
+
+
+def test_a_job_being_stored_frees_its_request_slot(fake: FakeTogether, engine: Engine) -> None:
+    """With one request in flight, the next job is fetched while the last one waits to be
+    stored: the writes are held up here by a lock another connection holds."""
+    for i in range(3):
+        fake.add_job(f"ft-{i}", events=3)
+    outcome: list[object] = []
+    holder = engine.raw_connection()  # the driver's own connection, outside the pool's
+    cursor = holder.cursor()
+    if engine.dialect.name == "sqlite":
+        cursor.execute("BEGIN IMMEDIATE")  # no other connection may write the file
+    else:
+        cursor.execute(f"LOCK TABLE {state_table.name} IN EXCLUSIVE MODE")  # reads still pass
+    try:
+        worker = threading.Thread(
+            target=lambda: outcome.append(
+                sync_pass(fake, engine, all_jobs=True, concurrency=1, history=False)
+            )
+        )
+        worker.start()
+        wait_until(lambda: fetches(fake, "ft-0") and fetches(fake, "ft-1"))
+    finally:
+        holder.rollback()
+        holder.close()
+    worker.join(EVENTUALLY)
+    (result,) = outcome
+    assert isinstance(result, PassResult)
+    assert result.ok, [o.error for o in result.outcomes]
+    assert fake.max_in_flight == 1
+    assert event_counts(engine) == {"ft-0": 3, "ft-1": 3, "ft-2": 3}
 
 
 def test_created_at_is_stored_as_aware_utc(fake: FakeTogether, engine: Engine) -> None:

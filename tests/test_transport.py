@@ -164,7 +164,7 @@ def test_a_failed_request_keeps_nothing_of_its_body(fake: FakeTogether) -> None:
         fetch_events(client_for(http), "ft-1")
     assert caught.value.__context__ is None
     frames = [frame.f_code.co_name for frame, _ in traceback.walk_tb(caught.value.__traceback__)]
-    assert frames[-1] == "_get"
+    assert frames[-1] == "_get_in_slot"
 
 
 def test_peak_memory_under_a_gzip_bomb_stays_near_the_cap() -> None:
@@ -333,11 +333,11 @@ def test_waiting_for_a_free_connection_ends_at_the_deadline(
     settings = raw_settings(server.base_url, concurrency=1, timeout=60, request_deadline=90)
     pool_size = settings.concurrency + 2
     with make_http_client(settings) as http:
-        slow = TogetherClient.from_settings(http, settings)
 
         def hold_a_connection() -> None:
             with contextlib.suppress(TransportError):
-                slow.list_jobs()
+                # A client of its own: one from these settings sends one request at a time.
+                client_for(http, RetryPolicy.from_settings(settings)).list_jobs()
 
         hogs = [threading.Thread(target=hold_a_connection) for _ in range(pool_size)]
         for hog in hogs:
