@@ -55,7 +55,8 @@ concurrency_option = click.option(
     "--concurrency",
     metavar="N",
     type=int,
-    help="Jobs fetched at once. (env: EVENTSYNC_CONCURRENCY; default: 8)",
+    help="Requests to the API at once; twice as many jobs are under way. "
+    "(env: EVENTSYNC_CONCURRENCY; default: 8)",
 )
 verbose_option = click.option(
     "--verbose", "-v", is_flag=True, help="Also log eventsync's debug lines."
@@ -268,7 +269,9 @@ def sync(
 
     from eventsync import logs
     from eventsync.client import TogetherClient, make_http_client
-    from eventsync.sync import plan_jobs, run_pass, tune_gc
+    from eventsync.sync import plan_jobs, run_pass, tune_gc, tune_malloc
+
+    tune_malloc()  # before any thread
 
     settings = setup.settings(
         job_ids=job_ids or None,

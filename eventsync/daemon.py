@@ -514,7 +514,9 @@ def serve(settings: Settings) -> int:
     from eventsync import db, migrate
     from eventsync.client import make_http_client
     from eventsync.status import serve_status
-    from eventsync.sync import tune_gc
+    from eventsync.sync import tune_gc, tune_malloc
+
+    tune_malloc()  # before any thread
 
     with Signals() as signals, _one_daemon_per_sqlite_file(settings.database_url):
         metrics = Metrics()

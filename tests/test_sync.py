@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import platform
+import subprocess
+import sys
+import textwrap
 import threading
 from datetime import UTC, datetime, timedelta
 
+import pytest
 from sqlalchemy import Engine, func, select, text
 
 from eventsync.models import events_table, state_table
@@ -454,3 +460,31 @@ def test_bytes_that_are_not_utf8_are_replaced_and_recorded(
     assert (bad_raw if isinstance(bad_raw, dict) else json.loads(bad_raw))["message"] == bad
     assert (good, good_repairs) == ("caf\u00e9", None)
     assert sync_pass(fake, engine, ["ft-u"]).outcomes[0].error is None
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="a glibc setting")
+@pytest.mark.parametrize("tuned", [True, False])
+def test_worker_threads_share_two_malloc_arenas(tuned: bool) -> None:
+    """tune_malloc holds glibc to two arenas however many threads allocate (untuned, eight
+    threads get more: the check can tell the two apart). glibc's malloc_stats lists them."""
+    program = textwrap.dedent(f"""
+        import ctypes, threading
+        from eventsync.sync import tune_malloc
+        if {tuned}:
+            tune_malloc()
+        def churn():
+            kept = [bytes(1000 + i % 7) for i in range(20000)]
+        threads = [threading.Thread(target=churn) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        ctypes.CDLL("libc.so.6").malloc_stats()
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
+    done = subprocess.run(
+        [sys.executable, "-c", program], env=env, capture_output=True, text=True, check=True
+    )
+    arenas = sum(1 for line in done.stderr.splitlines() if line.startswith("Arena "))
+    assert arenas >= 1
+    assert (arenas <= 2) is tuned
