@@ -31,7 +31,7 @@ def eventsync_pass(
         concurrency=concurrency,
         history=history,
     )
-    engine = db.make_engine(settings.database_url, pool_size=concurrency)
+    engine = db.make_engine(settings.database_url, pool_size=settings.workers)
     try:
         with make_http_client(settings) as http:
             client = TogetherClient.from_settings(http, settings)
