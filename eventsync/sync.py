@@ -86,6 +86,9 @@ def tune_gc() -> None:
     gc.set_threshold(10_000, 20, 20)
 
 
+_M_ARENA_MAX = -8  # glibc's malloc.h
+
+
 def tune_malloc() -> None:
     """Two malloc arenas, as MALLOC_ARENA_MAX=2 would set at start. glibc gives each thread
     that allocates an arena of its own, up to 8 per core; with a worker per job under way,
@@ -97,9 +100,6 @@ def tune_malloc() -> None:
 
     with contextlib.suppress(OSError, AttributeError):  # not glibc
         ctypes.CDLL("libc.so.6").mallopt(_M_ARENA_MAX, 2)
-
-
-_M_ARENA_MAX = -8  # glibc's malloc.h
 
 
 @dataclass(frozen=True)
@@ -416,8 +416,7 @@ def run_pass(
         return sync_job(client, engine, plan, history=history)
 
     outcomes: list[JobOutcome] = []
-    workers = workers_for(concurrency)
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sync") as pool:
+    with ThreadPoolExecutor(workers_for(concurrency), thread_name_prefix="sync") as pool:
         for outcome in pool.map(work, jobs):
             if outcome is None:
                 continue
